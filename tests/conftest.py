@@ -1,0 +1,38 @@
+"""Shared test helpers: compose the real Hydra config and shrink it.
+
+Tests build their config exactly as `python run.py` does (same conf/ folder, same defaults), then
+shrink it with overrides: one epoch, subsets of mnist5k, W&B disabled unless W&B is under test.
+"""
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = ROOT / "conf"
+sys.path.insert(0, str(Path(__file__).parent))  # for tests/wandb_records.py
+
+# One epoch on 512 training and 200 test images of mnist5k, on the CPU, without W&B.
+TINY = ["epochs=1", "batch_size=64", "dataset.train_subset=512", "dataset.test_subset=200",
+        "device=cpu", "wandb.mode=disabled"]
+
+
+def compose_config(*overrides: str, tiny: bool = True) -> DictConfig:
+    """The config `python run.py <overrides>` would get, with Hydra's job info set as in a job."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[*(TINY if tiny else []), *overrides],
+                      return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)  # run() reads the chosen options and overrides here
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+@pytest.fixture
+def make_config():
+    return compose_config

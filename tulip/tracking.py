@@ -1,0 +1,109 @@
+"""Where a run's numbers go: plain files in the run folder and a Weights & Biases run.
+
+The files (metrics.jsonl, summary.json) are the record of truth; W&B is for comparing runs. W&B is
+offline by default (no account, no network) and `wandb.mode=disabled` turns it into a no-op run, so
+the code below never branches on whether W&B is on.
+"""
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import wandb
+from omegaconf import DictConfig, OmegaConf
+
+# Metric families logged once per epoch; W&B plots all of them against `epoch`.
+EPOCH_METRIC_PREFIXES = ("train/", "test/", "lipschitz/", "weights/", "model/", "time/")
+
+
+@dataclass
+class RunContext:
+    """What Hydra knows about this job that the config itself does not hold."""
+    overrides: list[str] = field(default_factory=list)  # the job's command-line overrides
+    choices: dict[str, str] = field(default_factory=dict)  # config group -> chosen option
+    sweep_dir: str | None = None  # the multirun folder, None for a single run
+
+
+def write_json_atomic(obj: dict, path: Path) -> None:
+    """summary.json is read by sweeps and reports while jobs run: never leave half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+    os.replace(tmp, path)
+
+
+def _json_default(value):
+    return str(value)
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def write_metrics_history(history: list[dict], path: Path) -> None:
+    """Rewrite metrics.jsonl from the checkpointed history (a resumed run drops lost epochs)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in history))
+    os.replace(tmp, path)
+
+
+def append_metrics(row: dict, path: Path) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def finite_or_none(metrics: dict) -> dict:
+    """JSON has no NaN/inf; W&B and summary.json get None for a non-finite float."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+            for k, v in metrics.items()}
+
+
+class Tracker:
+    """The W&B run of one attempt of one job.
+
+    A requeued job is a new attempt in the same folder; offline W&B runs cannot be resumed, so each
+    attempt is its own run in the same group, named with an `-attempt<k>` suffix, and logs `epoch`
+    as its x-axis so the attempts line up.
+    """
+
+    def __init__(self, cfg: DictConfig, run_dir: Path, context: RunContext):
+        wandb_dir = run_dir / "wandb"
+        previous_attempts = len(list(wandb_dir.glob("*run-*"))) if wandb_dir.is_dir() else 0
+        wandb_dir.mkdir(parents=True, exist_ok=True)
+        name = cfg.wandb.name or ",".join(context.overrides) or "defaults"
+        if previous_attempts:
+            name = f"{name}-attempt{previous_attempts + 1}"
+        group = cfg.wandb.group or (context.sweep_dir.replace(os.sep, "_") if context.sweep_dir else None)
+        tags = [f"{group_name}={option}" for group_name, option in sorted(context.choices.items())
+                if not group_name.startswith("hydra/")] + list(cfg.wandb.tags)
+        config = OmegaConf.to_container(cfg, resolve=True)
+        config["overrides"] = list(context.overrides)
+        config["choices"] = dict(context.choices)
+        self.run = wandb.init(mode=cfg.wandb.mode, project=cfg.wandb.project, entity=cfg.wandb.entity,
+                              group=group, name=name, tags=[t[:64] for t in tags], config=config,
+                              dir=str(run_dir), reinit="finish_previous")
+        self.run.define_metric("epoch")
+        for prefix in EPOCH_METRIC_PREFIXES:
+            self.run.define_metric(f"{prefix}*", step_metric="epoch")
+        self.run.define_metric("lr", step_metric="epoch")
+        # The W&B summary of test error keeps its best (min) and its final value.
+        self.run.define_metric("test/error_pct", step_metric="epoch", summary="min,last")
+
+    def log(self, metrics: dict) -> None:
+        self.run.log(finite_or_none(metrics))
+
+    def log_table(self, key: str, columns: list[str], rows: list[list],
+                  line: tuple[str, str, str] | None = None) -> None:
+        """Log a table; with line=(x, y, title) also a W&B line plot of column y against x."""
+        table = wandb.Table(columns=columns, data=rows)
+        entries = {key: table}
+        if line is not None:
+            x, y, title = line
+            entries[f"{key}_plot"] = wandb.plot.line(table, x, y, title=title)
+        self.run.log(entries)
+
+    def finish(self, summary: dict, failed: bool) -> None:
+        epoch_keys = {"test/error_pct"}  # their W&B summary is set by define_metric above
+        self.run.summary.update({k: v for k, v in finite_or_none(summary).items()
+                                 if k not in epoch_keys})
+        self.run.finish(exit_code=1 if failed else 0)
