@@ -3,10 +3,12 @@
 Tests build their config exactly as `python run.py` does (same conf/ folder, same defaults), then
 shrink it with overrides: one epoch, subsets of mnist5k, W&B disabled unless W&B is under test.
 """
+import os
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -15,6 +17,10 @@ from omegaconf import DictConfig, open_dict
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
 sys.path.insert(0, str(Path(__file__).parent))  # for tests/wandb_records.py
+# One intra-op thread per process: tests start several jobs at once (multiruns, SLURM), and
+# oversubscribed BLAS threads on 2 cores made small SVDs and convolutions 10x slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 # One epoch on 512 training and 200 test images of mnist5k, on the CPU, without W&B.
 TINY = ["epochs=1", "batch_size=64", "dataset.train_subset=512", "dataset.test_subset=200",
