@@ -22,9 +22,9 @@ sys.path.insert(0, str(Path(__file__).parent))  # for tests/wandb_records.py
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
-# One epoch on 512 training and 200 test images of mnist5k, on the CPU, without W&B.
+# One epoch on 512 training and 200 test images of mnist5k, on the CPU, without W&B or attacks.
 TINY = ["epochs=1", "batch_size=64", "dataset.train_subset=512", "dataset.test_subset=200",
-        "device=cpu", "wandb.mode=disabled"]
+        "device=cpu", "wandb.mode=disabled", "attack=none"]
 
 
 def compose_config(*overrides: str, tiny: bool = True) -> DictConfig:

@@ -161,7 +161,7 @@ def test_run_py_command_line(tmp_path):
     out_dir = tmp_path / "job"
     result = subprocess.run(
         [sys.executable, "run.py", "epochs=2", "dataset.train_subset=512", "dataset.test_subset=200",
-         "wandb.mode=disabled", f"hydra.run.dir={out_dir}"],
+         "attack.n=20", "wandb.mode=disabled", f"hydra.run.dir={out_dir}"],
         cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "TQDM_DISABLE": "1"})
     assert result.returncode == 0, result.stderr
     output = result.stdout + result.stderr
@@ -179,3 +179,21 @@ def test_run_py_rejects_bad_values_before_training(tmp_path):
     assert result.returncode != 0
     assert "optim.lr=-1" in result.stderr
     assert not (out_dir / "summary.json").exists() and not (out_dir / "checkpoints").exists()
+
+
+def test_default_run_acceptance(tmp_path):
+    """The README's main job, unchanged: `python run.py` on mnist5k, W&B offline, default attack."""
+    out_dir = tmp_path / "job"
+    result = subprocess.run([sys.executable, "run.py", f"hydra.run.dir={out_dir}"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["epoch"] == 8
+    assert summary["test/error_pct"] <= 4.0
+    assert set(SUMMARY_KEYS) <= set(summary)
+    assert summary["attack/ddn/median_l2"] > 0 and summary["attack/n"] == 200
+    path = run_file(out_dir)
+    logged = [row for row in history(path) if "test/error_pct" in row]
+    assert [row["epoch"] for row in logged] == list(range(1, 9))
+    assert inspect_summary(path)["summary"]["attack/ddn/median_l2"] == pytest.approx(
+        summary["attack/ddn/median_l2"])

@@ -10,6 +10,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from tulip.config import validate
+from tulip.evaluate import check_config as check_evaluation_config
 from tulip.tracking import RunContext
 
 
@@ -31,6 +32,7 @@ def run(cfg: DictConfig, run_dir: Path | str | None = None,
         context: RunContext | None = None) -> dict:
     """Run one job. `run_dir` and `context` default to what Hydra provides."""
     validate(cfg)
+    check_evaluation_config(cfg)  # attack.* / eval.* errors before training, not after it
     hydra_dir, hydra_ctx = hydra_context()
     context = context or hydra_ctx
     if cfg.mode == "evaluate":

@@ -1,0 +1,218 @@
+"""Evaluation end to end: a tiny training run with attacks + nn, then evaluate and summary modes on it."""
+import csv
+import json
+import math
+import time
+
+import pytest
+import torch
+
+from conftest import compose_config
+from tulip.config import ConfigError
+from tulip.evaluate import check_config, evaluate_trained
+from tulip.main import run
+from tulip.train import load_run
+
+L2_EPS = [0.5, 1.0, 2.0]
+LINF_EPS = [0.005, 0.02]  # FGSM fails at these on almost every image: failures must be +inf
+ATTACK = ["attack=[ddn,pgd_l2,fgsm]", "attack.n=40", "attack.ddn.steps=20", "attack.pgd_l2.steps=10",
+          "attack.pgd_l2.rel_stepsize=0.2", f"attack.epsilons.l2=[{','.join(map(str, L2_EPS))}]",
+          f"attack.epsilons.linf=[{','.join(map(str, LINF_EPS))}]"]
+
+
+def read_csv(path) -> list[dict]:
+    with open(path) as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One epoch of cnn_small on 512 mnist5k images, then ddn, pgd_l2, fgsm on 40 test images and nn."""
+    run_dir = tmp_path_factory.mktemp("run")
+    metrics = run(compose_config(*ATTACK, "eval.nn=true"), run_dir=run_dir)
+    return run_dir, metrics
+
+
+def test_training_run_reports_every_key(trained):
+    run_dir, metrics = trained
+    expected = ["attack/n", "attack/clean_error_pct", "bounds/first_order_median", "bounds/certified_median"]
+    for name, norm, epsilons in (("ddn", "l2", L2_EPS), ("pgd_l2", "l2", L2_EPS), ("fgsm", "linf", LINF_EPS),
+                                 ("best", "l2", L2_EPS), ("best", "linf", LINF_EPS)):
+        expected += [f"attack/{name}/median_{norm}", f"attack/{name}/mean_{norm}", f"attack/{name}/failures"]
+        expected += [f"attack/{name}/error_pct_{norm}@{eps:g}" for eps in epsilons]
+    expected += [f"bounds/certified_error_pct@{eps:g}" for eps in L2_EPS]
+    expected += [f"nn/{norm}_{stat}" for norm in ("l2", "linf")
+                 for stat in ("mean", "median", "data_lipschitz")]
+    missing = [key for key in expected if key not in metrics]
+    assert not missing, missing
+    assert "bounds/second_order_median" not in metrics  # cnn_small has ReLUs: skipped
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "finished"
+    assert not [key for key in expected if key not in summary]
+    assert metrics["attack/n"] == 40
+    assert metrics["attack/ddn/failures"] < 20 and metrics["attack/ddn/median_l2"] > 0
+
+
+def test_attacks_csv_has_zero_for_misclassified_and_inf_for_failures(trained):
+    run_dir, metrics = trained
+    rows = read_csv(run_dir / "attacks.csv")
+    assert len(rows) == 40 and [row["index"] for row in rows] == list(range(40))
+    columns = [f"{name}_{norm}" for name in ("ddn", "pgd_l2", "fgsm", "best") for norm in ("l2", "linf")]
+    assert set(columns + ["label", "prediction", "first_order_l2", "certified_l2"]) <= set(rows[0])
+    wrong = [row for row in rows if row["label"] != row["prediction"]]
+    assert 100 * len(wrong) / 40 == pytest.approx(metrics["attack/clean_error_pct"])
+    for row in wrong:
+        assert all(row[c] == 0 for c in columns) and row["certified_l2"] == 0
+    for row in rows:
+        if row["label"] == row["prediction"]:
+            assert all(row[c] > 0 for c in columns)  # never 0 for a correctly classified image
+    fgsm_failed = [row for row in rows if math.isinf(row["fgsm_linf"])]
+    assert len(fgsm_failed) == metrics["attack/fgsm/failures"] > 0
+    assert all(math.isinf(row["fgsm_l2"]) for row in fgsm_failed)
+    # The metrics are those of the per-image columns.
+    ddn = torch.tensor([row["ddn_l2"] for row in rows])
+    for eps in L2_EPS:
+        expected = 100 * (ddn <= eps).double().mean().item()
+        assert metrics[f"attack/ddn/error_pct_l2@{eps:g}"] == pytest.approx(expected)
+    best = torch.tensor([row["best_l2"] for row in rows])
+    assert (best <= ddn).all() and metrics["attack/best/median_l2"] == pytest.approx(best.median().item())
+
+
+def test_no_attack_beats_the_certified_radius(trained):
+    """Soundness on a trained small model: every adversarial found is at least the certified radius away."""
+    rows = read_csv(trained[0] / "attacks.csv")
+    assert sum(row["certified_l2"] > 0 for row in rows) >= 20
+    for row in rows:
+        for name in ("ddn", "pgd_l2", "fgsm", "best"):
+            assert row[f"{name}_l2"] >= row["certified_l2"], (name, row)
+
+
+def test_nn_csv(trained):
+    run_dir, metrics = trained
+    rows = read_csv(run_dir / "nn.csv")
+    assert len(rows) == 200  # every test image of the tiny config
+    l2 = torch.tensor([row["l2"] for row in rows])
+    assert (l2 > 0).all() and metrics["nn/l2_median"] == pytest.approx(l2.median().item())
+    assert metrics["nn/l2_data_lipschitz"] == pytest.approx(1 / l2.min().item())
+    assert all(row["linf"] <= row["l2"] for row in rows)
+
+
+def test_evaluate_mode_adds_attacks_to_an_existing_run(trained):
+    run_dir, _ = trained
+    before = json.loads((run_dir / "summary.json").read_text())
+    metrics = run(compose_config("mode=evaluate", f"run_dir={run_dir}", "attack=deepfool_l2", "attack.n=20",
+                                 "attack.deepfool_l2.steps=10"))
+    assert metrics["attack/deepfool_l2/failures"] == 0 and metrics["attack/n"] == 20
+    after = json.loads((run_dir / "summary.json").read_text())
+    assert after["attack/deepfool_l2/median_l2"] == pytest.approx(metrics["attack/deepfool_l2/median_l2"])
+    assert after["status"] == "finished" and after["test/error_pct"] == before["test/error_pct"]
+    assert "attack/ddn/median_l2" in before and "attack/ddn/median_l2" not in after  # replaced, not stale
+    assert after["nn/l2_median"] == before["nn/l2_median"]  # eval.nn=false: nn results kept
+    rows = read_csv(run_dir / "attacks.csv")
+    assert len(rows) == 20 and "deepfool_l2_l2" in rows[0]
+
+
+def test_summary_mode_recomputes_the_original_statistics(trained, capsys):
+    run_dir, _ = trained
+    metrics = run(compose_config("mode=summary", f"run_dir={run_dir}"))
+    loaded = load_run(run_dir, torch.device("cpu"))
+    with torch.no_grad():
+        probabilities = loaded.model(loaded.data.test_x).softmax(1)
+    error = 100 * (probabilities.argmax(1) != loaded.data.test_y).double().mean().item()
+    assert metrics["summary/test/error_pct"] == pytest.approx(error)
+    top2 = probabilities.topk(2, dim=1).values
+    correct = probabilities.argmax(1) == loaded.data.test_y
+    confidence = (top2[:, 0] - top2[:, 1])[correct].min().item()
+    assert metrics["summary/min_correct_confidence"] == pytest.approx(confidence, rel=1e-5)
+    assert metrics["summary/adv_distance_lower_bound"] == pytest.approx(
+        confidence / (2 * metrics["summary/weights/product_2inf"]), rel=1e-5)
+    for key in ("lipschitz/loss_grad_max", "lipschitz/jacobian_2inf", "weights/product_spectral",
+                "weights/layer_norm_product", "weights/l2_norm", "test/loss"):
+        assert metrics[f"summary/{key}"] > 0, key
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["summary/test/error_pct"] == pytest.approx(error)
+    assert "summary/weights/l2_norm" in capsys.readouterr().out  # the printed table
+
+
+def test_second_order_estimate_for_a_smooth_model():
+    """Linear layer + bounded tanh head: smooth, so the second-order estimate is reported; with the
+    largest Hessian norm C > 0 it is below the image's own first-order radius (−ℓ)₊/‖∇ℓ‖."""
+    from tulip import bounds
+    from tulip.evaluate import evaluate_bounds
+    from tulip.models import MLP
+
+    torch.manual_seed(0)
+    model = MLP(1, 10, 28, hidden=[], tanh=True).eval()
+    x, y = torch.rand(16, 1, 28, 28), torch.arange(16) % 10
+    metrics, columns = evaluate_bounds(model, x, y, compose_config("attack=ddn").attack)
+    assert metrics["bounds/hessian_norm_max"] > 0
+    grads = bounds.loss_gradients(model, x, y, 16)
+    own_first_order = (-grads.loss).clamp_min(0) / grads.grad_norm
+    second = torch.tensor(columns["second_order_l2"])
+    assert (second <= own_first_order + 1e-6).all() and (second > 0).any()
+    assert metrics["bounds/second_order_median"] == pytest.approx(second.median().item())
+
+
+def test_nothing_configured_returns_nothing_quickly(tmp_path):
+    cfg = compose_config()
+    started = time.perf_counter()
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
+    assert evaluate_trained(cfg, model, None, tmp_path, tracker=None) == {}
+    assert time.perf_counter() - started < 1 and not list(tmp_path.iterdir())
+
+
+def test_tracker_gets_the_robust_error_curves(trained):
+    run_dir, _ = trained
+
+    class RecordingTracker:
+        def __init__(self):
+            self.tables = {}
+
+        def log_table(self, key, columns, rows, line=None):
+            self.tables[key] = (columns, rows, line)
+
+    tracker = RecordingTracker()
+    loaded = load_run(run_dir, torch.device("cpu"))
+    cfg = compose_config("attack=fgsm", "attack.n=10", "attack.epsilons.linf=[0.1,0.3]")
+    metrics = evaluate_trained(cfg, loaded.model, loaded.data, run_dir, tracker)
+    assert set(tracker.tables) == {"attack/fgsm/robust_error", "attack/best/robust_error_linf",
+                                   "bounds/certified_error"}
+    columns, rows, line = tracker.tables["attack/fgsm/robust_error"]
+    assert columns == ["epsilon", "error_pct"] and line[:2] == ("epsilon", "error_pct")
+    assert rows == [[0.1, metrics["attack/fgsm/error_pct_linf@0.1"]],
+                    [0.3, metrics["attack/fgsm/error_pct_linf@0.3"]]]
+
+
+@pytest.mark.parametrize("override, key", [
+    ("attack.n=0", "attack.n"),
+    ("attack.batch_size=0", "attack.batch_size"),
+    ("attack.epsilons.l2=[]", "attack.epsilons.l2"),
+    ("attack.epsilons.linf=[-0.1]", "attack.epsilons.linf"),
+    ("+attack.ddn.stepz=3", "attack.ddn"),
+    ("+attack.typo=3", "attack.typo"),
+    ("eval.nn=maybe", "eval.nn"),
+])
+def test_bad_attack_config_names_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        check_config(compose_config("attack=ddn", override))
+
+
+def test_bad_run_folders(tmp_path, trained):
+    with pytest.raises(FileNotFoundError, match="run_dir"):
+        run(compose_config("mode=evaluate", f"run_dir={tmp_path}", "attack=ddn"))
+    with pytest.raises(ConfigError, match="nothing to do"):
+        run(compose_config("mode=evaluate", f"run_dir={trained[0]}"))
+    # A checkpoint that does not fit the configured model: one clear error.
+    (tmp_path / "checkpoints").mkdir()
+    state = torch.load(trained[0] / "checkpoints" / "best.pt", weights_only=True)
+    state["config"]["model"]["hidden"] = 17
+    torch.save(state, tmp_path / "checkpoints" / "best.pt")
+    with pytest.raises(ConfigError, match="does not fit"):
+        run(compose_config("mode=summary", f"run_dir={tmp_path}"))
+
+
+def test_default_attack_option_is_a_quick_ddn():
+    cfg = compose_config("attack=default")
+    assert cfg.attack.n == 200 and cfg.attack.ddn._target_ == "tulip.attacks.ddn"
+    assert set(check_config(cfg)) == {"ddn"}
+    assert check_config(compose_config("attack=none")) == {}

@@ -1,0 +1,255 @@
+"""tulip-report on a real small multirun: the table equals the runs' summaries, the plots are images,
+problem runs are listed, bad input gives a clear message.
+
+The multirun (2 Lipschitz multipliers x 2 seeds, 1 epoch on a subset of mnist5k, with a minimisation
+attack) is built once per module by the real `python run.py -m`; broken runs are added next to it the
+way they appear in practice: a summary.json cut mid-write and a diverged run.
+"""
+import csv
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from tulip import report
+
+REPO = Path(__file__).resolve().parents[1]
+# reg.lip=-1 is rejected by the config check: those two jobs fail for real, before writing a summary.
+SWEEP = ["regularizer=lip", "reg.lip=0,0.1,-1", "seed=0,1", "epochs=1", "wandb.mode=disabled",
+         "dataset.train_subset=512", "dataset.test_subset=100", "attack=ddn", "attack.n=30",
+         "attack.ddn.steps=10"]
+# One BLAS/OpenMP thread: on the shared 2-core machine two threads per process make torch's SVD and
+# convolutions many times slower under load (measured: a 1-epoch job 16 s -> 1 s).
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def run_report(*args) -> subprocess.CompletedProcess:
+    """`python -m tulip.report ARGS`, the way a user runs it."""
+    return subprocess.run([sys.executable, "-m", "tulip.report", *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+
+
+def read_csv(path: Path) -> list[dict]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def job_overrides(job: Path) -> dict:
+    return dict(o.split("=", 1) for o in yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()))
+
+
+def copy_run(source: Path, target: Path) -> Path:
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("checkpoints", "wandb"))
+    return target
+
+
+@pytest.fixture(scope="module")
+def multirun(tmp_path_factory) -> Path:
+    sweep_dir = tmp_path_factory.mktemp("multirun")
+    built = subprocess.run([sys.executable, "run.py", "-m", *SWEEP, f"hydra.sweep.dir={sweep_dir}"],
+                           cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert built.returncode == 1, "the reg.lip=-1 jobs should fail the multirun command"
+    assert "reg.lip" in built.stderr, built.stderr[-3000:]
+    jobs = sorted(p for p in sweep_dir.iterdir() if p.name.isdigit())
+    assert len(jobs) == 6
+    finished = [j for j in jobs if (j / "summary.json").exists()]
+    assert sorted(job_overrides(j)["reg.lip"] for j in finished) == ["0", "0", "0.1", "0.1"]
+    assert all(json.loads((j / "summary.json").read_text())["status"] == "finished" for j in finished)
+
+    # A copy of a finished run killed while writing summary.json (half a JSON document).
+    broken = copy_run(finished[0], sweep_dir / "truncated")
+    text = (broken / "summary.json").read_text()
+    (broken / "summary.json").write_text(text[: len(text) // 2])
+    # A copy of another that diverged; its (absurd) numbers must not enter the means.
+    diverged = copy_run(finished[1], sweep_dir / "diverged")
+    summary = json.loads((diverged / "summary.json").read_text())
+    summary.update({"status": "diverged", "test/error_pct": 1e6, "lipschitz/loss_grad_max": 1e6})
+    (diverged / "summary.json").write_text(json.dumps(summary))
+    return sweep_dir
+
+
+@pytest.fixture(scope="module")
+def made(multirun, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    result = run_report(multirun, "--out", out)
+    return result, out
+
+
+def finished_summaries(multirun: Path) -> dict:
+    """reg.lip value -> summaries of its finished runs, read independently of tulip.report."""
+    groups = {}
+    for summary_file in multirun.glob("*/summary.json"):
+        try:
+            summary = json.loads(summary_file.read_text())
+        except json.JSONDecodeError:
+            continue
+        if summary["status"] == "finished":
+            groups.setdefault(float(job_overrides(summary_file.parent)["reg.lip"]), []).append(summary)
+    return groups
+
+
+def assert_matches(cell: str, expected: float, key: str):
+    if math.isnan(expected):
+        assert cell == "nan", key
+    else:
+        assert float(cell) == pytest.approx(expected, rel=1e-9, abs=1e-12), key
+
+
+def test_table_equals_the_runs_summaries(multirun, made):
+    result, out = made
+    assert result.returncode == 0, result.stderr
+    rows = read_csv(out / "report.csv")
+    groups = finished_summaries(multirun)
+    assert [float(row["reg.lip"]) for row in rows] == [-1.0, 0.0, 0.1]
+    assert [row["seeds"] for row in rows] == ["0", "2", "2"]
+    assert all(row["regularizer"] == "lip" for row in rows)
+
+    header = rows[0].keys()
+    for key in ("test/error_pct", "lipschitz/loss_grad_max", "lipschitz/jacobian_2inf",
+                "weights/product_2inf", "weights/product_spectral", "weights/layer_norm_product",
+                "attack/ddn/median_l2", "attack/ddn/error_pct_l2@0.5", "bounds/certified_error_pct@0.5"):
+        assert key in header and f"{key}_std" in header, key
+
+    metrics = [k for k in header if f"{k}_std" in header]
+    for row in rows[1:]:
+        summaries = groups[float(row["reg.lip"])]
+        for key in metrics:
+            # summary.json stores a non-finite value as null: it must show as nan, not vanish.
+            values = np.array([math.nan if s[key] is None else s[key] for s in summaries if key in s],
+                              dtype=float)
+            assert values.size == 2, key
+            assert_matches(row[key], values.mean(), key)
+            assert_matches(row[f"{key}_std"], values.std(ddof=1), key)
+    assert all(rows[0][key] == "" for key in metrics)  # reg.lip=-1: no finished run, no numbers
+
+    # report.md shows the same numbers, rounded, as mean ± std.
+    markdown = (out / "report.md").read_text()
+    for row in rows[1:]:
+        mean, std = float(row["test/error_pct"]), float(row["test/error_pct_std"])
+        assert f"| lip | {row['reg.lip']} | 2 | {mean:.4g} ± {std:.2g} |" in markdown
+
+
+def test_failed_and_broken_runs_are_listed_not_dropped(multirun, made):
+    result, out = made
+    failed = [job for job in multirun.iterdir() if job.name.isdigit() and not (job / "summary.json").exists()]
+    assert len(failed) == 2
+    for job in failed + [multirun / "truncated"]:
+        assert str(job) in result.stderr, job
+
+    markdown = (out / "report.md").read_text()
+    problems = markdown.split("## Failed, diverged and unreadable runs")[1].split("## Plots")[0]
+    for job in failed:
+        seed = job_overrides(job)["seed"]
+        assert f"| `{job}` | unreadable | {seed} | regularizer=lip, reg.lip=-1 | no summary.json" in problems
+    assert f"`{multirun / 'truncated'}` | unreadable" in problems and "not valid JSON" in problems
+    assert f"`{multirun / 'diverged'}` | diverged" in problems
+    assert problems.count("| `") == 4  # exactly the four problem runs, not the finished ones
+
+    rows = {float(row["reg.lip"]): row for row in read_csv(out / "report.csv")}
+    lip_of = {name: float(job_overrides(multirun / name)["reg.lip"]) for name in ("truncated", "diverged")}
+    assert rows[-1.0]["n_unreadable"] == "2" and rows[-1.0]["status"] == "2 unreadable"
+    assert rows[lip_of["truncated"]]["n_unreadable"] == "1"
+    assert rows[lip_of["diverged"]]["n_diverged"] == "1"
+    assert sum(int(row["n_finished"]) for row in rows.values()) == 4
+
+
+def expected_size(panels: int) -> tuple[int, int]:
+    """(height, width) in pixels of a figure of `panels` panels with a legend, per tulip.report."""
+    columns = min(panels, 3)
+    rows = math.ceil(panels / columns)
+    width = (columns * report.PANEL_SIZE[0] + report.LEGEND_WIDTH) * report.DPI
+    return round(rows * report.PANEL_SIZE[1] * report.DPI), round(width)
+
+
+def test_plots_are_images_of_the_expected_size(made):
+    _, out = made
+    header = read_csv(out / "report.csv")[0].keys()
+    # One robust-error panel per attack and norm (ddn, the best over attacks), one for the certificate.
+    curves = {k.split("@")[0] for k in header if "error_pct" in k and "@" in k}
+    assert curves == {"attack/ddn/error_pct_l2", "attack/best/error_pct_l2", "bounds/certified_error_pct"}
+    expected = {"multiplier_reg.lip.png": 2, "training_curves.png": 2, "robust_error.png": len(curves)}
+    markdown = (out / "report.md").read_text()
+    for name, panels in expected.items():
+        with Image.open(out / name) as image:
+            image.verify()  # a complete, decodable PNG
+        with Image.open(out / name) as image:
+            assert image.format == "PNG"
+            pixels = np.asarray(image.convert("L"))
+        assert pixels.shape == expected_size(panels), name
+        assert pixels.std() > 10, f"{name} looks blank"
+        assert f"]({name})" in markdown
+
+
+def test_no_runs_is_an_error_and_writes_nothing(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = run_report(empty)
+    assert result.returncode == 1
+    assert str(empty) in result.stderr and "no run" in result.stderr
+    assert not (empty / "report.md").exists()
+
+
+def test_only_unreadable_runs_is_an_error(multirun, tmp_path):
+    broken = copy_run(multirun / "truncated", tmp_path / "broken")
+    result = run_report(broken)
+    assert result.returncode == 1
+    assert str(broken) in result.stderr and "not valid JSON" in result.stderr
+    assert not (broken / "report.md").exists()
+
+
+def test_by_and_metric_options_on_run_folders(multirun, tmp_path, capsys):
+    # Two run folders instead of the multirun; grouped by reg.lip; one replacing and one extra column.
+    groups = {}
+    for job in sorted(multirun.glob("[0-9]*/summary.json")):
+        groups.setdefault(job_overrides(job.parent)["reg.lip"], job.parent)
+    jobs = list(groups.values())
+    assert len(jobs) == 2
+    assert report.main([*map(str, jobs), "--out", str(tmp_path), "--by", "reg.lip",
+                        "--metric", "test/error_pct", "--metric", "+train/loss"]) == 0
+    rows = read_csv(tmp_path / "report.csv")
+    header = list(rows[0].keys())
+    assert header[0] == "reg.lip"
+    assert [k for k in header if f"{k}_std" in header] == ["test/error_pct", "train/loss"]
+    summaries = {float(lip): json.loads((job / "summary.json").read_text()) for lip, job in groups.items()}
+    for row in rows:  # one run per configuration: the value itself, no std
+        summary = summaries[float(row["reg.lip"])]
+        assert float(row["train/loss"]) == pytest.approx(summary["train/loss"], rel=1e-12)
+        assert row["seeds"] == "1" and row["test/error_pct_std"] == ""
+    assert "2/2 runs read, 2 configurations" in capsys.readouterr().out
+    assert (tmp_path / "robust_error.png").exists()  # the plots do not depend on the table's columns
+
+    # A grouping key no run has, and a column no run has: named, not silently empty.
+    assert report.main([str(multirun), "--out", str(tmp_path / "typo"), "--by", "regulariser"]) == 2
+    assert "--by regulariser" in capsys.readouterr().err
+    assert report.main([*map(str, jobs), "--out", str(tmp_path / "x"), "--metric", "+test/eror_pct"]) == 0
+    assert "--metric test/eror_pct" in capsys.readouterr().err
+
+
+def test_robust_error_from_attacks_csv(multirun, tmp_path):
+    """A summary without the curve keys: the curve is recomputed from the per-image distances."""
+    source = next(multirun.glob("[0-9]*/summary.json")).parent
+    run = copy_run(source, tmp_path / "run")
+    original = json.loads((run / "summary.json").read_text())
+    curves = {k: v for k, v in original.items() if "error_pct" in k and "@" in k}
+    stripped = {k: v for k, v in original.items() if k not in curves}
+    (run / "summary.json").write_text(json.dumps(stripped))
+    assert report.main([str(run), "--out", str(tmp_path / "out")]) == 0
+    row = read_csv(tmp_path / "out" / "report.csv")[0]
+    assert {"attack/ddn/error_pct_l2@1", "bounds/certified_error_pct@1"} <= curves.keys()
+    for key, value in curves.items():
+        assert float(row[key]) == pytest.approx(value, abs=1e-9), key
+    assert (tmp_path / "out" / "robust_error.png").exists()
+
+
+def test_console_script_is_declared():
+    scripts = {ep.name: ep.value for ep in entry_points(group="console_scripts")}
+    assert scripts.get("tulip-report") == "tulip.report:main"
