@@ -63,12 +63,17 @@ def test_bad_values_fail_before_any_output(override, key, tmp_path):
     with pytest.raises(ConfigError) as error:
         run(cfg, tmp_path / "run")
     assert str(error.value).startswith(f"{key}=")
-    assert not (tmp_path / "run" / "summary.json").exists()
+    # nothing trained, nothing claims success: a training job's folder only says why it failed
     assert not (tmp_path / "run" / "checkpoints").exists()
+    if cfg.mode == "train":
+        summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+        assert summary["status"] == "failed" and key in summary["error"]
+    else:
+        assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")
 def test_cuda_without_cuda_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="device='cuda'.*CUDA is not available"):
         run(compose_config("device=cuda"), tmp_path / "run")
-    assert not (tmp_path / "run").exists()
+    assert not (tmp_path / "run" / "checkpoints").exists()

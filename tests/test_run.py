@@ -115,9 +115,11 @@ def test_interrupted_run_resumes_to_the_same_metrics(tmp_path, monkeypatch):
 def test_resume_with_a_different_config_refuses_and_keeps_the_checkpoint(tmp_path):
     run(compose_config(), tmp_path)
     before = (tmp_path / "checkpoints" / "last.pt").read_bytes()
+    summary_before = (tmp_path / "summary.json").read_text()
     with pytest.raises(ConfigError, match="optim.lr"):
         run(compose_config("optim.lr=0.05"), tmp_path)
     assert (tmp_path / "checkpoints" / "last.pt").read_bytes() == before
+    assert (tmp_path / "summary.json").read_text() == summary_before
     # W&B settings do not change what is trained: the same run resumes (nothing left to train)
     again = run(compose_config("wandb.project=other"), tmp_path)
     assert again["test/error_pct"] == json.loads((tmp_path / "summary.json").read_text())["test/error_pct"]
@@ -178,7 +180,8 @@ def test_run_py_rejects_bad_values_before_training(tmp_path):
                             timeout=120)
     assert result.returncode != 0
     assert "optim.lr=-1" in result.stderr
-    assert not (out_dir / "summary.json").exists() and not (out_dir / "checkpoints").exists()
+    assert not (out_dir / "checkpoints").exists()
+    assert json.loads((out_dir / "summary.json").read_text())["status"] == "failed"
 
 
 def test_default_run_acceptance(tmp_path):

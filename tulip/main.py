@@ -2,7 +2,9 @@
 
 It checks the config, then trains (mode=train) or evaluates an existing run folder
 (mode=evaluate, mode=summary), and returns the metrics as a dict. A diverged run returns NaN
-metrics instead of raising, so a sweep goes on with its other jobs.
+metrics instead of raising, so a sweep goes on with its other jobs. A training job that cannot
+start (a bad value) still leaves a summary.json saying `failed` and why, so that a sweep's
+report lists it.
 """
 from pathlib import Path
 
@@ -11,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from tulip.config import validate
 from tulip.evaluate import check_config as check_evaluation_config
-from tulip.tracking import RunContext
+from tulip.tracking import RunContext, write_json_atomic
 
 
 def hydra_context() -> tuple[Path | None, RunContext]:
@@ -31,10 +33,26 @@ def hydra_context() -> tuple[Path | None, RunContext]:
 def run(cfg: DictConfig, run_dir: Path | str | None = None,
         context: RunContext | None = None) -> dict:
     """Run one job. `run_dir` and `context` default to what Hydra provides."""
+    hydra_dir, hydra_context_ = hydra_context()
+    context = context or hydra_context_
+    run_dir = Path(run_dir) if run_dir is not None else hydra_dir
+    try:
+        return _dispatch(cfg, run_dir, context)
+    except Exception as error:
+        # A job that could not start (or failed before its first summary) says so in its folder;
+        # an existing summary.json (another run's, or this job's last attempt) is never overwritten.
+        if cfg.get("mode") == "train" and run_dir is not None \
+                and not (run_dir / "summary.json").exists():
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_json_atomic({"status": "failed", "epoch": 0,
+                               "error": f"{type(error).__name__}: {error}",
+                               "overrides": list(context.overrides)}, run_dir / "summary.json")
+        raise
+
+
+def _dispatch(cfg: DictConfig, run_dir: Path | None, context: RunContext) -> dict:
     validate(cfg)
     check_evaluation_config(cfg)  # attack.* / eval.* errors before training, not after it
-    hydra_dir, hydra_ctx = hydra_context()
-    context = context or hydra_ctx
     if cfg.mode == "evaluate":
         from tulip.evaluate import evaluate_run
 
@@ -43,7 +61,6 @@ def run(cfg: DictConfig, run_dir: Path | str | None = None,
         from tulip.evaluate import summarize_run
 
         return summarize_run(cfg)
-    run_dir = Path(run_dir) if run_dir is not None else hydra_dir
     if run_dir is None:
         raise ValueError("run(cfg) outside Hydra needs run_dir")
     from tulip.train import train

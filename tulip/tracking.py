@@ -5,6 +5,7 @@ offline by default (no account, no network) and `wandb.mode=disabled` turns it i
 the code below never branches on whether W&B is on.
 """
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import wandb
 from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
 
 # Metric families logged once per epoch; W&B plots all of them against `epoch`.
 EPOCH_METRIC_PREFIXES = ("train/", "test/", "lipschitz/", "weights/", "model/", "time/")
@@ -79,6 +82,7 @@ class Tracker:
         config = OmegaConf.to_container(cfg, resolve=True)
         config["overrides"] = list(context.overrides)
         config["choices"] = dict(context.choices)
+        self.broken = False
         self.run = wandb.init(mode=cfg.wandb.mode, project=cfg.wandb.project, entity=cfg.wandb.entity,
                               group=group, name=name, tags=[t[:64] for t in tags], config=config,
                               dir=str(run_dir), reinit="finish_previous")
@@ -89,8 +93,21 @@ class Tracker:
         # The W&B summary of test error keeps its best (min) and its final value.
         self.run.define_metric("test/error_pct", step_metric="epoch", summary="min,last")
 
+    def _mirror(self, call, *args, **kwargs) -> None:
+        """W&B only mirrors the files. If its service dies (SLURM sends SIGTERM to every process of
+        a requeued or preempted job, wandb-core included), warn once and stop mirroring instead of
+        failing the training or masking the exception that is already ending it."""
+        if self.broken:
+            return
+        try:
+            call(*args, **kwargs)
+        except Exception as error:
+            self.broken = True
+            log.warning("W&B stopped (%s: %s); metrics.jsonl and summary.json go on",
+                        type(error).__name__, error)
+
     def log(self, metrics: dict) -> None:
-        self.run.log(finite_or_none(metrics))
+        self._mirror(self.run.log, finite_or_none(metrics))
 
     def log_table(self, key: str, columns: list[str], rows: list[list],
                   line: tuple[str, str, str] | None = None) -> None:
@@ -100,10 +117,11 @@ class Tracker:
         if line is not None:
             x, y, title = line
             entries[f"{key}_plot"] = wandb.plot.line(table, x, y, title=title)
-        self.run.log(entries)
+        self._mirror(self.run.log, entries)
 
     def finish(self, summary: dict, failed: bool) -> None:
         epoch_keys = {"test/error_pct"}  # their W&B summary is set by define_metric above
-        self.run.summary.update({k: v for k, v in finite_or_none(summary).items()
-                                 if k not in epoch_keys})
-        self.run.finish(exit_code=1 if failed else 0)
+        self._mirror(self.run.summary.update, {k: v for k, v in finite_or_none(summary).items()
+                                               if k not in epoch_keys})
+        self.broken = False  # finish() even after a failed log: it closes the run's files
+        self._mirror(self.run.finish, exit_code=1 if failed else 0)
