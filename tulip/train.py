@@ -98,6 +98,9 @@ def train_one_epoch(model, objective, optimizer, data: Data, batch_size: int, ep
     checked for NaN/Inf once, at the end of the epoch, which also names the first bad step.
     """
     model.train()
+    # Backpropagate into the weights only: a regularizer's input x may require grad, and its
+    # gradient (a costly first-layer input gradient) is never used by the optimizer step.
+    weights = [p for p in model.parameters() if p.requires_grad]
     n = len(data.train_y)
     steps = n // batch_size  # the incomplete last batch is dropped; reshuffling covers it
     order = torch.randperm(n).to(data.train_x.device)
@@ -112,7 +115,7 @@ def train_one_epoch(model, objective, optimizer, data: Data, batch_size: int, ep
         x, y = data.augment(data.train_x[idx]), data.train_y[idx]
         out = objective(model, x, y)
         optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
+        out.loss.backward(inputs=weights)
         optimizer.step()
         step_losses[step] = out.loss.detach()
         correct += (out.logits.detach().argmax(1) == y).sum()

@@ -1,0 +1,362 @@
+"""Training objectives (tulip.regularizers) composed from the real Hydra config: exact penalties, limits,
+eval-mode perturbations, bad input, and a short mnist5k behaviour check through tulip.main.run."""
+import copy
+import inspect
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from tulip.perturbations import frozen_eval, l2_direction, loss_input_grad, pgd_linf
+from tulip.regularizers import PGD_DEFAULTS, TRADES_DEFAULTS, Objective
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+OPTIONS = sorted(p.stem for p in (CONF / "regularizer").glob("*.yaml"))
+
+
+def compose_config(*overrides):
+    with initialize_config_dir(str(CONF), version_base=None):
+        return compose("config", overrides=list(overrides))
+
+
+def small_cnn(num_classes=10):
+    """A dummy MNIST-shaped CNN with BatchNorm (RobustBench-style test model)."""
+    return nn.Sequential(nn.Conv2d(1, 4, 3, stride=2), nn.BatchNorm2d(4), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(4 * 13 * 13, num_classes))
+
+
+def smooth_mlp(dtype=torch.float64):
+    """A tiny smooth model (no batch statistics), for gradchecks and first-order limits."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 3)).to(dtype)
+
+
+def mnist_batch(n=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def smooth_batch(n=5):
+    g = torch.Generator().manual_seed(1)
+    return torch.rand(n, 1, 4, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)
+
+
+def single_sample_grads(model, x, y):
+    """The reference: g_i from a loop of single-sample backward passes."""
+    grads = []
+    for i in range(len(x)):
+        xi = x[i:i + 1].clone().requires_grad_(True)
+        grads.append(torch.autograd.grad(F.cross_entropy(model(xi), y[i:i + 1]), xi)[0])
+    return torch.cat(grads)
+
+
+def norms(v, p):
+    return torch.linalg.vector_norm(v.flatten(1), ord=p, dim=1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Exact penalties
+
+@pytest.mark.parametrize("p", [2, 1, math.inf])
+def test_lip_penalty_equals_loop_of_single_sample_gradients(p):
+    torch.manual_seed(0)
+    model, (x, y) = small_cnn().double().eval(), mnist_batch()
+    x = x.double()
+    out = Objective(lip=0.3, lip_norm=p)(model, x, y)
+    expected = 0.3 * norms(single_sample_grads(model, x, y), p).max()
+    torch.testing.assert_close(out.logs["train/penalty_lip"], expected)
+    torch.testing.assert_close(out.loss, F.cross_entropy(model(x), y) + expected)
+    assert not out.logs["train/penalty_lip"].requires_grad
+
+
+@pytest.mark.parametrize("p", [2, 1, math.inf])
+def test_lip_penalty_gradient_wrt_weights_passes_gradcheck(p):
+    """The penalty is a function of the weights through ∇_x ℓ (double backprop): gradcheck it."""
+    model, (x, y) = smooth_mlp(), smooth_batch()
+    names = [n for n, _ in model.named_parameters()]
+    objective = Objective(lip=1.0, lip_norm=p)
+
+    class Functional(nn.Module):  # the model, with the weights gradcheck perturbs
+        def forward(self, z):
+            return torch.func.functional_call(model, self.params, (z,))
+
+    def penalty(*weights):
+        f = Functional()
+        f.params = dict(zip(names, weights))
+        return objective(f, x, y).loss - F.cross_entropy(f(x), y)
+
+    weights = tuple(w.detach().clone().requires_grad_(True) for w in model.parameters())
+    assert torch.autograd.gradcheck(penalty, weights, fast_mode=True)
+
+
+def test_lip_is_evaluated_on_the_batch_actually_trained_on():
+    torch.manual_seed(0)
+    model, (x, y) = small_cnn().double().eval(), mnist_batch()
+    x = x.double()
+    out = Objective(lip=1.0, J2=0.5)(model, x, y)
+    x_train = x + 0.5 * l2_direction(loss_input_grad(model, x, y))
+    torch.testing.assert_close(out.logits, model(x_train))
+    expected = norms(single_sample_grads(model, x_train, y), 2).max()
+    torch.testing.assert_close(out.logs["train/penalty_lip"], expected)
+
+
+def test_gradnorm_is_exact_half_mean_squared_norm():
+    torch.manual_seed(0)
+    model, (x, y) = small_cnn().double().eval(), mnist_batch()
+    x = x.double()
+    out = Objective(gradnorm=0.2)(model, x, y)
+    expected = 0.2 * norms(single_sample_grads(model, x, y), 2).square().mean() / 2
+    torch.testing.assert_close(out.logs["train/penalty_gradnorm"], expected)
+
+
+def test_decay_covers_weights_not_biases_nor_batchnorm():
+    model, (x, y) = small_cnn(), mnist_batch()
+    with torch.no_grad():
+        model[1].weight.fill_(3.0)  # BatchNorm scale: must not count
+    out = Objective(decay=0.5)(model, x, y)
+    expected = 0.5 * (model[0].weight.square().sum() + model[4].weight.square().sum())
+    torch.testing.assert_close(out.logs["train/penalty_decay"], expected.detach())
+    plain = F.cross_entropy(model(x), y)
+    untouched = [model[0].bias, model[1].weight, model[1].bias, model[4].bias]
+    with_decay, without = torch.autograd.grad(out.loss, untouched), torch.autograd.grad(plain, untouched)
+    for a, b in zip(with_decay, without):
+        torch.testing.assert_close(a, b)
+
+
+# ---------------------------------------------------------------------------------------------------
+# First-order limits
+
+@pytest.mark.parametrize("key, p, scale", [("J1", 1, 1 / 4), ("J2", 2, 1.0), ("Jinf", math.inf, 1.0)])
+def test_perturbed_loss_tends_to_gradient_norm(key, p, scale):
+    """(ℓ(x + εv) − ℓ(x))/ε → ‖g‖₁/√N, ‖g‖₂, ‖g‖∞ (N = 16 here, √N = 4), error O(ε)."""
+    model, (x, y) = smooth_mlp(), smooth_batch()
+    clean = F.cross_entropy(model(x), y)
+    limit = scale * norms(single_sample_grads(model, x, y), p).mean()
+    errors = []
+    for eps in (1e-2, 1e-3, 1e-4):
+        slope = (Objective(**{key: eps})(model, x, y).loss - clean) / eps
+        errors.append(abs(slope.item() - limit.item()) / limit.item())
+    assert errors[-1] < 1e-3
+    assert errors[0] > errors[1] > errors[2]
+
+
+@pytest.mark.parametrize("fd_order", [1, 2])
+def test_gradnorm_fd_tends_to_gradnorm(fd_order):
+    model, (x, y) = smooth_mlp(), smooth_batch()
+    exact = Objective(gradnorm=1.0)(model, x, y)
+    exact_grads = torch.autograd.grad(exact.loss, list(model.parameters()))
+    errors = []
+    for h in (1e-2, 1e-3, 1e-4):
+        fd = Objective(gradnorm_fd=1.0, h=h, fd_order=fd_order)(model, x, y)
+        fd_grads = torch.autograd.grad(fd.loss, list(model.parameters()))
+        rel = (fd.logs["train/penalty_gradnorm_fd"] / exact.logs["train/penalty_gradnorm"] - 1).abs()
+        grad_rel = max(((a - b).norm() / b.norm()).item() for a, b in zip(fd_grads, exact_grads))
+        errors.append(max(rel.item(), grad_rel))
+    assert errors[-1] < 1e-3
+    assert errors[0] > errors[1] > errors[2]
+
+
+@pytest.mark.parametrize("fd_norm, p, scale", [(1, 1, 1 / 4), (math.inf, math.inf, 1.0)])
+def test_gradnorm_fd_direction_picks_the_norm(fd_norm, p, scale):
+    model, (x, y) = smooth_mlp(), smooth_batch()
+    out = Objective(gradnorm_fd=1.0, h=1e-5, fd_order=2, fd_norm=fd_norm)(model, x, y)
+    expected = (scale * norms(single_sample_grads(model, x, y), p)).square().mean() / 2
+    torch.testing.assert_close(out.logs["train/penalty_gradnorm_fd"], expected, rtol=1e-6, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Perturbations: eval mode, frozen weights, no clamping; PGD trains on the adversarial batch
+
+@pytest.mark.parametrize("key", ["J1", "J2", "Jinf"])
+def test_one_step_perturbation_uses_eval_mode_and_is_not_clamped(key):
+    torch.manual_seed(0)
+    model, (x, y) = small_cnn().train(), mnist_batch()
+    model(x)  # give BatchNorm running statistics that differ from this batch's
+    x = torch.ones_like(x)  # every entry at the top of [0, 1]
+    objective = Objective(**{key: 5.0})
+    with frozen_eval(model):
+        g = loss_input_grad(model, x, y)
+    before = model[1].num_batches_tracked.clone()
+    x_train, _ = objective.batch(model, x, y)
+    assert model.training and all(p.requires_grad for p in model.parameters())
+    assert model[1].num_batches_tracked == before  # no train-mode forward pass
+    direction = {"J1": torch.sign, "J2": lambda v: v, "Jinf": lambda v: v}[key]
+    assert (direction(x_train - x).flatten(1) * g.flatten(1)).sum(1).gt(0).all()  # ascent along g
+    if key == "J1":  # 5/√784 in every entry the loss depends on (the stride-2 conv skips the last row)
+        step = (x_train - x).abs()
+        assert (torch.isclose(step, torch.tensor(5.0 / 28)) | (step == 0)).all() and (step > 0).any()
+    else:
+        torch.testing.assert_close(norms(x_train - x, 2), torch.full((len(x),), 5.0))
+    assert x_train.max() > 1  # no clamping
+    if key == "J2":
+        torch.testing.assert_close(x_train, x + 5.0 * l2_direction(g))
+
+
+def test_pgd_trains_on_the_adversarial_batch_only():
+    torch.manual_seed(0)
+    model, (x, y) = small_cnn().double().train(), mnist_batch()
+    x = x.double()
+    objective = Objective(pgd=dict(eps=0.1, steps=3, step_size=0.05, random_start=False))
+    with frozen_eval(model):  # before the objective's train-mode pass moves the running statistics
+        x_adv = pgd_linf(lambda z: F.cross_entropy(model(z), y, reduction="none"), x, eps=0.1, steps=3,
+                         step_size=0.05, random_start=False)
+    out = objective(model, x, y)
+    torch.testing.assert_close(out.logits, model(x_adv))  # train mode: same batch, same statistics
+    torch.testing.assert_close(out.loss, F.cross_entropy(model(x_adv), y))
+    assert not torch.allclose(x_adv, x)
+
+
+def test_trades_matches_the_reference_training_step():
+    """TRADES' own order: x′ in eval mode first, then CE(f(x)) + β·KL(f(x) ‖ f(x′)) in train mode."""
+    torch.manual_seed(0)
+    model, (x, y) = small_cnn().double(), mnist_batch()
+    reference = copy.deepcopy(model)
+    x = x.double()
+    torch.manual_seed(1)
+    out = Objective(trades=dict(beta=6.0, eps=0.2, steps=5, step_size=0.05))(model, x, y)
+    grads = torch.autograd.grad(out.loss, list(model.parameters()))
+
+    torch.manual_seed(1)
+    reference.eval()
+    with torch.no_grad():
+        p_clean = F.softmax(reference(x), 1)
+    x_adv = (x + 0.001 * torch.randn_like(x)).clamp(0, 1)  # Tulip's PGD starts inside [0, 1]
+    for _ in range(5):
+        x_adv.requires_grad_(True)
+        kl = F.kl_div(F.log_softmax(reference(x_adv), 1), p_clean, reduction="sum")
+        x_adv = x_adv.detach() + 0.05 * torch.autograd.grad(kl, x_adv)[0].sign()
+        x_adv = torch.min(torch.max(x_adv, x - 0.2), x + 0.2).clamp(0, 1)
+    reference.train()
+    logits = reference(x)
+    robust = 6.0 * F.kl_div(F.log_softmax(reference(x_adv), 1), F.softmax(logits, 1), reduction="batchmean")
+    loss = F.cross_entropy(logits, y) + robust
+    torch.testing.assert_close(out.loss, loss)
+    torch.testing.assert_close(out.logs["train/penalty_trades"], robust.detach())
+    torch.testing.assert_close(out.logits, logits)  # the clean batch is the one trained on
+    for mine, theirs in zip(grads, torch.autograd.grad(loss, list(reference.parameters()))):
+        torch.testing.assert_close(mine, theirs)
+    assert robust > 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# The real Hydra config: every option composes and trains; overrides; bad input
+
+def test_every_option_sets_every_key_with_the_none_defaults():
+    base = compose_config().reg
+    for name in OPTIONS:
+        reg = compose_config(f"regularizer={name}").reg
+        assert set(reg) == set(base), name
+        assert set(reg.pgd) == set(base.pgd) and set(reg.trades) == set(base.trades), name
+        assert reg.decay == 0 and reg.lip_norm == 2, name
+        assert (reg.lip > 0) == name.startswith("lip"), name
+
+
+def test_python_defaults_match_the_none_config():
+    reg = compose_config("regularizer=none").reg
+    signature = inspect.signature(Objective).parameters
+    for key, value in reg.items():
+        if key in ("pgd", "trades"):
+            defaults = {"pgd": PGD_DEFAULTS, "trades": TRADES_DEFAULTS}[key]
+            assert dict(value) == pytest.approx(defaults), key
+        elif key != "_target_":
+            assert signature[key].default == value, key
+    assert set(signature) == set(reg) - {"_target_"}
+
+
+@pytest.mark.parametrize("name", OPTIONS)
+def test_every_option_composes_and_trains_without_nan(name):
+    torch.manual_seed(0)
+    objective = instantiate(compose_config(f"regularizer={name}", "reg.decay=1e-4").reg)
+    model, (x, y) = small_cnn(), mnist_batch(16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    start = [p.detach().clone() for p in model.parameters()]
+    for _ in range(3):
+        model.train()
+        out = objective(model, x, y)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        opt.step()
+        assert torch.isfinite(out.loss) and out.logits.shape == (16, 10)
+        assert all(torch.isfinite(v) and not v.requires_grad for v in out.logs.values())
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(not torch.equal(a, b) for a, b in zip(start, model.parameters()))
+    expected = {"train/penalty_decay"}
+    expected |= {f"train/penalty_{k}" for k in ("lip", "gradnorm", "gradnorm_fd", "trades")
+                 if k in name.split("+")}
+    assert set(out.logs) == expected
+
+
+def test_paper_recipe_overrides():
+    cfg = compose_config("regularizer=lip+J2", "reg.lip=0.1", "reg.J2=0.01", "reg.decay=5e-4")
+    objective = instantiate(cfg.reg)
+    assert (objective.batch.eps, objective.batch.direction) == (0.01, l2_direction)
+    assert [name for name, _ in objective.penalties] == ["train/penalty_lip", "train/penalty_decay"]
+    assert objective.penalties[0][1].lam == 0.1 and objective.penalties[1][1].lam == 5e-4
+    linf = instantiate(compose_config("regularizer=lip", "reg.lip_norm=inf").reg)
+    assert linf.penalties[0][1].norm == math.inf
+
+
+@pytest.mark.parametrize("overrides, keys", [
+    (["reg.lip=-0.1"], ["reg.lip"]),
+    (["regularizer=J2", "reg.J2=-1"], ["reg.J2"]),
+    (["reg.decay=-1e-4"], ["reg.decay"]),
+    (["reg.gradnorm_fd=-1"], ["reg.gradnorm_fd"]),
+    (["regularizer=pgd_linf", "reg.pgd.eps=-0.1"], ["reg.pgd.eps"]),
+    (["regularizer=pgd_linf", "reg.pgd.steps=0"], ["reg.pgd.steps"]),
+    (["regularizer=pgd_l2", "reg.pgd.step_size=0"], ["reg.pgd.step_size"]),
+    (["regularizer=trades", "reg.trades.steps=0"], ["reg.trades.steps"]),
+    (["regularizer=trades", "reg.trades.step_size=-0.01"], ["reg.trades.step_size"]),
+    (["regularizer=trades", "reg.trades.beta=-1"], ["reg.trades.beta"]),
+    (["reg.lip_norm=3"], ["reg.lip_norm"]),
+    (["reg.lip_norm=two"], ["reg.lip_norm"]),
+    (["regularizer=gradnorm_fd", "reg.fd_norm=0"], ["reg.fd_norm"]),
+    (["regularizer=pgd_linf", "reg.pgd.norm=1"], ["reg.pgd.norm"]),
+    (["regularizer=gradnorm_fd", "reg.fd_order=3"], ["reg.fd_order"]),
+    (["regularizer=gradnorm_fd", "reg.h=0"], ["reg.h"]),
+    (["regularizer=J1", "reg.J2=0.01"], ["reg.J1", "reg.J2"]),
+    (["regularizer=lip+pgd_linf", "reg.Jinf=0.1"], ["reg.Jinf", "reg.pgd.eps"]),
+    (["regularizer=trades", "reg.J2=0.01"], ["reg.J2", "reg.trades.beta"]),
+    (["+reg.pgd.epsilon=0.1"], ["reg.pgd.epsilon"]),
+])
+def test_bad_input_is_a_value_error_naming_the_keys(overrides, keys):
+    reg = compose_config(*overrides).reg
+    with pytest.raises(Exception) as error:
+        instantiate(reg)
+    assert isinstance(error.value.__cause__ or error.value, ValueError)  # Hydra wraps it
+    assert all(key in str(error.value) for key in keys), str(error.value)
+    with pytest.raises(ValueError):  # and a direct call raises the ValueError itself
+        Objective(**{k: v for k, v in reg.items() if k != "_target_"})
+
+
+# ---------------------------------------------------------------------------------------------------
+# Behaviour on mnist5k through the training loop
+
+def train_mnist5k(run_dir, *overrides):
+    from tulip.main import run
+    return run(compose_config("dataset=mnist5k", "epochs=2", "attack=none", "wandb.mode=disabled", *overrides),
+               run_dir)
+
+
+def test_lip_lowers_the_loss_gradient_on_mnist5k(tmp_path):
+    """Same seed and epochs: the Lipschitz penalty gives a smaller max test-loss gradient than none."""
+    plain = train_mnist5k(tmp_path / "none", "regularizer=none", "dataset.test_subset=300")
+    lip = train_mnist5k(tmp_path / "lip", "regularizer=lip", "reg.lip=1.0", "dataset.test_subset=300")
+    for name, metrics in (("none", plain), ("lip", lip)):
+        assert json.loads((tmp_path / name / "summary.json").read_text())["status"] == "finished"
+        assert math.isfinite(metrics["lipschitz/loss_grad_max"])
+    assert lip["train/penalty_lip"] > 0
+    assert lip["lipschitz/loss_grad_max"] < 0.5 * plain["lipschitz/loss_grad_max"]
+
+
+@pytest.mark.parametrize("name", OPTIONS)
+def test_every_option_trains_on_mnist5k_without_nan(tmp_path, name):
+    metrics = train_mnist5k(tmp_path, f"regularizer={name}", "epochs=1", "dataset.train_subset=256",
+                            "dataset.test_subset=100")
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "finished"
+    assert math.isfinite(metrics["train/loss"]) and math.isfinite(metrics["test/loss"])

@@ -1,0 +1,230 @@
+"""``python -m tulip.bench regularizers``: the cost of every regularizer, Tulip vs a hand-written loop.
+
+In one process, on one model (``--model``, default cnn_small: tulip.models.CNNSmall) and one MNIST-shaped
+batch (default 128), times a full training step (forward + backward + SGD step) for every
+``conf/regularizer`` option — the Tulip objective composed from the real Hydra config — and for the same
+math written as a minimal hand-written loop with the same settings. Measurements are interleaved
+round-robin (a plain, a Tulip and a hand-written step for each regularizer in turn), so that load from
+other processes hits all variants alike; the table gives the medians of the per-round ratios to the plain
+step and of Tulip / hand-written.
+"""
+import argparse
+import itertools
+import math
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+CONF = Path(__file__).resolve().parents[2] / "conf"
+# Targets of issue 3 (ratio to a plain step); PGD's is k + 1.2 for k steps.
+TARGETS = {"lip": 2.0, "J2": 1.6, "lip+J2": 2.7, "gradnorm_fd": 2.2}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The hand-written twins: what one would type in a training script, with the settings of cfg.reg.
+
+def _input_grad(model, x, y):
+    """Per-sample input gradients in eval mode (the perturbations' gradient)."""
+    model.eval()
+    x = x.clone().requires_grad_(True)
+    g, = torch.autograd.grad(F.cross_entropy(model(x), y, reduction="sum"), x)
+    model.train()
+    return g
+
+
+def _ce_and_lip(model, x, y, lam, p=2):
+    x = x.clone().requires_grad_(True)
+    losses = F.cross_entropy(model(x), y, reduction="none")
+    g, = torch.autograd.grad(losses.sum(), x, create_graph=True)
+    return losses.mean() + lam * g.flatten(1).norm(p=p, dim=1).max()
+
+
+def _j1(model, x, y, eps):
+    return x + eps * _input_grad(model, x, y).sign() / math.sqrt(x[0].numel())
+
+
+def _j2(model, x, y, eps):
+    g = _input_grad(model, x, y)
+    return x + eps * g / g.flatten(1).norm(dim=1).clamp_min(1e-30).view(-1, 1, 1, 1)
+
+
+def _jinf(model, x, y, eps):
+    g = _input_grad(model, x, y).flatten(1)
+    k = g.abs().argmax(1, keepdim=True)
+    return x + eps * torch.zeros_like(g).scatter_(1, k, g.gather(1, k).sign()).view_as(x)
+
+
+def _pgd(model, x, y, pgd, loss=None):
+    loss = loss or (lambda z: F.cross_entropy(model(z), y, reduction="sum"))
+    model.eval()
+    linf = pgd.norm == math.inf
+    if linf:
+        x_adv = (x + torch.empty_like(x).uniform_(-pgd.eps, pgd.eps)).clamp(0, 1)
+    else:
+        d = torch.randn_like(x)
+        d = d / d.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+        x_adv = (x + pgd.eps * torch.rand(len(x), 1, 1, 1) * d).clamp(0, 1)
+    for _ in range(pgd.steps):
+        x_adv.requires_grad_(True)
+        g, = torch.autograd.grad(loss(x_adv), x_adv)
+        if linf:
+            x_adv = torch.min(torch.max(x_adv.detach() + pgd.step_size * g.sign(), x - pgd.eps), x + pgd.eps)
+        else:
+            g = g / g.flatten(1).norm(dim=1).clamp_min(1e-30).view(-1, 1, 1, 1)
+            x_adv = x_adv.detach() + pgd.step_size * g
+            delta = x_adv - x
+            delta = delta * (pgd.eps / delta.flatten(1).norm(dim=1).clamp_min(pgd.eps)).view(-1, 1, 1, 1)
+            x_adv = x + delta
+        x_adv = x_adv.clamp(0, 1)
+    model.train()
+    return x_adv
+
+
+def _gradnorm(model, x, y, lam):
+    x = x.clone().requires_grad_(True)
+    losses = F.cross_entropy(model(x), y, reduction="none")
+    g, = torch.autograd.grad(losses.sum(), x, create_graph=True)
+    return losses.mean() + lam * g.square().sum() / (2 * len(x))
+
+
+def _gradnorm_fd(model, x, y, r):  # Finlay & Oberman 2019's training loop (fd_norm 2, order 1)
+    x = x.clone().requires_grad_(True)
+    losses = F.cross_entropy(model(x), y, reduction="none")
+    d, = torch.autograd.grad(losses.mean(), x, retain_graph=True)
+    v = d / d.flatten(1).norm(dim=1).clamp_min(1e-30).view(-1, 1, 1, 1)
+    lf = F.cross_entropy(model(x.detach() + r.h * v), y, reduction="none")
+    return losses.mean() + r.gradnorm_fd * ((lf - losses) / r.h).square().mean() / 2
+
+
+def _trades(model, x, y, r):
+    t = r.trades
+    model.eval()
+    with torch.no_grad():
+        p_clean = F.softmax(model(x), 1)
+    x_adv = (x + 0.001 * torch.randn_like(x)).clamp(0, 1)
+    for _ in range(t.steps):
+        x_adv.requires_grad_(True)
+        kl = F.kl_div(F.log_softmax(model(x_adv), 1), p_clean, reduction="sum")
+        g, = torch.autograd.grad(kl, x_adv)
+        x_adv = torch.min(torch.max(x_adv.detach() + t.step_size * g.sign(), x - t.eps), x + t.eps).clamp(0, 1)
+    model.train()
+    logits = model(x)
+    kl = F.kl_div(F.log_softmax(model(x_adv), 1), F.softmax(logits, 1), reduction="batchmean")
+    return F.cross_entropy(logits, y) + t.beta * kl
+
+
+HAND = {
+    "none": lambda m, x, y, r: F.cross_entropy(m(x), y),
+    "lip": lambda m, x, y, r: _ce_and_lip(m, x, y, r.lip),
+    "J1": lambda m, x, y, r: F.cross_entropy(m(_j1(m, x, y, r.J1)), y),
+    "J2": lambda m, x, y, r: F.cross_entropy(m(_j2(m, x, y, r.J2)), y),
+    "Jinf": lambda m, x, y, r: F.cross_entropy(m(_jinf(m, x, y, r.Jinf)), y),
+    "lip+J1": lambda m, x, y, r: _ce_and_lip(m, _j1(m, x, y, r.J1), y, r.lip),
+    "lip+J2": lambda m, x, y, r: _ce_and_lip(m, _j2(m, x, y, r.J2), y, r.lip),
+    "lip+Jinf": lambda m, x, y, r: _ce_and_lip(m, _jinf(m, x, y, r.Jinf), y, r.lip),
+    "pgd_linf": lambda m, x, y, r: F.cross_entropy(m(_pgd(m, x, y, r.pgd)), y),
+    "pgd_l2": lambda m, x, y, r: F.cross_entropy(m(_pgd(m, x, y, r.pgd)), y),
+    "lip+pgd_linf": lambda m, x, y, r: _ce_and_lip(m, _pgd(m, x, y, r.pgd), y, r.lip),
+    "gradnorm": lambda m, x, y, r: _gradnorm(m, x, y, r.gradnorm),
+    "gradnorm_fd": _gradnorm_fd,
+    "trades": _trades,
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+
+def target(name: str, reg) -> str:
+    if name in TARGETS:
+        return f"≤ {TARGETS[name]:.1f}×"
+    if name.startswith("pgd"):
+        return f"≤ {reg.pgd.steps + 1.2:.1f}× ({reg.pgd.steps} steps)"
+    return ""
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m tulip.bench regularizers", description=__doc__)
+    parser.add_argument("--rounds", type=int, default=15, help="timed round-robin rounds (default 15)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--model", default="cnn_small", help="a conf/model option (default cnn_small)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall: perf_counter; cpu: this process's CPU time, which other processes' "
+                             "load disturbs less (use with --threads 1; CPU device only)")
+    parser.add_argument("--only", nargs="*", default=None, help="regularizer options to time (default: all)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    names = args.only or list(HAND)
+    unknown = set(names) - set(HAND)
+    if unknown:
+        raise SystemExit(f"unknown regularizer(s) {sorted(unknown)}; known: {', '.join(HAND)}")
+    if "none" not in names:
+        names = ["none", *names]
+    with initialize_config_dir(str(CONF), version_base=None):
+        configs = {name: compose("config", overrides=[f"regularizer={name}", f"model={args.model}"])
+                   for name in names}
+    regs = {name: cfg.reg for name, cfg in configs.items()}
+
+    torch.manual_seed(0)  # an MNIST-shaped model and batch
+    model = instantiate(configs["none"].model, in_channels=1, num_classes=10, image_size=28).to(device).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x = torch.rand(args.batch_size, 1, 28, 28, device=device)
+    y = torch.randint(0, 10, (args.batch_size,), device=device)
+
+    variants = {}  # (name, "tulip" | "hand") -> loss function of (model, x, y)
+    for name in names:
+        objective, reg, hand = instantiate(regs[name]), regs[name], HAND[name]
+        variants[name, "tulip"] = lambda m, x, y, objective=objective: objective(m, x, y).loss
+        variants[name, "hand"] = lambda m, x, y, reg=reg, hand=hand: hand(m, x, y, reg)
+
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
+
+    def step(loss_fn) -> float:
+        sync()
+        start = clock()
+        loss = loss_fn(model, x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        sync()
+        return clock() - start
+
+    # Each round times, per regularizer, a triple of steps: plain, Tulip and hand-written, in an order
+    # that cycles through all 6 permutations (the first step after a switch runs on colder caches), and
+    # keeps the ratios within the triple: load from other processes changes slowly compared with one
+    # triple, so the per-triple ratios stay fair on a busy machine.
+    orders = list(itertools.permutations(("plain", "tulip", "hand")))
+    ratios = {key: [] for key in variants}  # (name, kind) -> [step / plain step of the same triple]
+    pair = {name: [] for name in names}  # name -> [tulip step / hand step]
+    plain_times = []
+    for round_ in range(args.warmup + args.rounds):
+        for i, name in enumerate(names):
+            kinds = {"plain": variants["none", "hand"], "tulip": variants[name, "tulip"],
+                     "hand": variants[name, "hand"]}
+            elapsed = {kind: step(kinds[kind]) for kind in orders[(round_ + i) % len(orders)]}
+            if round_ >= args.warmup:
+                plain_times.append(elapsed["plain"])
+                for kind in ("tulip", "hand"):
+                    ratios[name, kind].append(elapsed[kind] / elapsed["plain"])
+                pair[name].append(elapsed["tulip"] / elapsed["hand"])
+    median = {key: statistics.median(r) for key, r in ratios.items()}
+    plain = statistics.median(plain_times)
+
+    print(f"{type(model).__name__}, batch {args.batch_size}, {device}, {torch.get_num_threads()} threads, "
+          f"{args.clock} clock, {args.rounds} rounds; plain step {1000 * plain:.1f} ms (hand-written, median); "
+          f"medians of per-round ratios\n")
+    print("| regularizer | Tulip × plain | hand-written × plain | Tulip / hand-written | target |")
+    print("|---|---:|---:|---:|---|")
+    for name in names:
+        print(f"| {name} | {median[name, 'tulip']:.2f} | {median[name, 'hand']:.2f} | "
+              f"{statistics.median(pair[name]):.3f} | {target(name, regs[name])} |")
