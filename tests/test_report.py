@@ -61,9 +61,11 @@ def multirun(tmp_path_factory) -> Path:
     assert "reg.lip" in built.stderr, built.stderr[-3000:]
     jobs = sorted(p for p in sweep_dir.iterdir() if p.name.isdigit())
     assert len(jobs) == 6
-    finished = [j for j in jobs if (j / "summary.json").exists()]
+    status = {j: json.loads((j / "summary.json").read_text())["status"] for j in jobs}
+    finished = [j for j in jobs if status[j] == "finished"]
     assert sorted(job_overrides(j)["reg.lip"] for j in finished) == ["0", "0", "0.1", "0.1"]
-    assert all(json.loads((j / "summary.json").read_text())["status"] == "finished" for j in finished)
+    # the jobs that could not start say so in their own summary.json
+    assert sorted(job_overrides(j)["reg.lip"] for j in jobs if status[j] == "failed") == ["-1", "-1"]
 
     # A copy of a finished run killed while writing summary.json (half a JSON document).
     broken = copy_run(finished[0], sweep_dir / "truncated")
@@ -140,23 +142,24 @@ def test_table_equals_the_runs_summaries(multirun, made):
 
 def test_failed_and_broken_runs_are_listed_not_dropped(multirun, made):
     result, out = made
-    failed = [job for job in multirun.iterdir() if job.name.isdigit() and not (job / "summary.json").exists()]
+    failed = [job for job in multirun.iterdir() if job.name.isdigit()
+              and json.loads((job / "summary.json").read_text())["status"] == "failed"]
     assert len(failed) == 2
-    for job in failed + [multirun / "truncated"]:
-        assert str(job) in result.stderr, job
+    assert str(multirun / "truncated") in result.stderr  # unreadable: named on stderr too
 
     markdown = (out / "report.md").read_text()
     problems = markdown.split("## Failed, diverged and unreadable runs")[1].split("## Plots")[0]
     for job in failed:
         seed = job_overrides(job)["seed"]
-        assert f"| `{job}` | unreadable | {seed} | regularizer=lip, reg.lip=-1 | no summary.json" in problems
+        assert f"| `{job}` | failed | {seed} | regularizer=lip, reg.lip=-1 | epoch=0, error=" in problems
+        assert "reg.lip" in problems.split(f"`{job}`")[1].splitlines()[0]  # the error names the key
     assert f"`{multirun / 'truncated'}` | unreadable" in problems and "not valid JSON" in problems
     assert f"`{multirun / 'diverged'}` | diverged" in problems
     assert problems.count("| `") == 4  # exactly the four problem runs, not the finished ones
 
     rows = {float(row["reg.lip"]): row for row in read_csv(out / "report.csv")}
     lip_of = {name: float(job_overrides(multirun / name)["reg.lip"]) for name in ("truncated", "diverged")}
-    assert rows[-1.0]["n_unreadable"] == "2" and rows[-1.0]["status"] == "2 unreadable"
+    assert rows[-1.0]["n_failed"] == "2" and rows[-1.0]["status"] == "2 failed"
     assert rows[lip_of["truncated"]]["n_unreadable"] == "1"
     assert rows[lip_of["diverged"]]["n_diverged"] == "1"
     assert sum(int(row["n_finished"]) for row in rows.values()) == 4
@@ -210,7 +213,8 @@ def test_by_and_metric_options_on_run_folders(multirun, tmp_path, capsys):
     # Two run folders instead of the multirun; grouped by reg.lip; one replacing and one extra column.
     groups = {}
     for job in sorted(multirun.glob("[0-9]*/summary.json")):
-        groups.setdefault(job_overrides(job.parent)["reg.lip"], job.parent)
+        if json.loads(job.read_text())["status"] == "finished":
+            groups.setdefault(job_overrides(job.parent)["reg.lip"], job.parent)
     jobs = list(groups.values())
     assert len(jobs) == 2
     assert report.main([*map(str, jobs), "--out", str(tmp_path), "--by", "reg.lip",
