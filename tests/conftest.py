@@ -12,6 +12,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,6 +38,24 @@ def compose_config(*overrides: str, tiny: bool = True) -> DictConfig:
     with open_dict(cfg):
         del cfg["hydra"]
     return cfg
+
+
+# Narrow versions of every model so model and measure tests stay fast on 2 CPU cores.
+SHRINK = {
+    "mlp": ["model.hidden=[32,16]"],
+    "cnn_small": ["model.channels=[4,8]", "model.hidden=16"],
+    "allcnn": ["model.channels=[4,8]"],
+    "resnet18": ["model.width=4", "model.blocks=[1,1,1,1]"],
+    "wide_resnet": ["model.depth=10", "model.width=1"],
+    "resnext34_2x32": ["model.base_width=4", "model.blocks=[2,1,1]"],
+}
+
+
+def build_model_option(name: str, overrides=(), channels: int = 1, size: int = 28,
+                       classes: int = 10) -> torch.nn.Module:
+    """The model `model=<name> <overrides>` composes to, for inputs (channels, size, size)."""
+    cfg = compose_config(f"model={name}", *overrides, tiny=False)
+    return instantiate(cfg.model, in_channels=channels, num_classes=classes, image_size=size)
 
 
 @pytest.fixture

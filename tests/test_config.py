@@ -1,6 +1,5 @@
 """Every option of every config group composes; bad values fail early, naming the key."""
 import json
-from pathlib import Path
 
 import pytest
 import torch

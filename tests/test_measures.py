@@ -1,33 +1,20 @@
 """Measures equal hand-computed values where they are known, and the layer bound really bounds."""
 import math
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
 from torch import nn
+
+from conftest import SHRINK, build_model_option
 
 from tulip.measures import (POWER_SAFETY, conv_operator_norm, layer_norm_product, measure,
                             per_sample_loss_grad_norms)
 from tulip.models import BranchMean, ConvBN, GlobalAvgPool, Residual
 
-CONF = Path(__file__).resolve().parent.parent / "conf"
-SHRINK = {
-    "mlp": ["model.hidden=[32,16]"],
-    "cnn_small": ["model.channels=[4,8]", "model.hidden=16"],
-    "allcnn": ["model.channels=[4,8]"],
-    "resnet18": ["model.width=4", "model.blocks=[1,1,1,1]"],
-    "wide_resnet": ["model.depth=10", "model.width=1"],
-    "resnext34_2x32": ["model.base_width=4", "model.blocks=[2,1,1]"],
-}
-
 
 def build(name, overrides=(), channels=1, size=28, classes=10):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=[f"model={name}", *overrides])
-    return instantiate(cfg.model, in_channels=channels, num_classes=classes, image_size=size)
+    return build_model_option(name, overrides, channels, size, classes)
 
 
 def dense_matrix(linear_map, shape):

@@ -6,29 +6,18 @@ import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 
+from conftest import SHRINK, build_model_option
 from tulip.models import Classifier, Nonlinearity, linearized
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 MODELS = ["mlp", "cnn_small", "allcnn", "resnet18", "wide_resnet", "resnext34_2x32"]
-# Narrow versions of every model so the suite stays fast on 2 CPU cores.
-SHRINK = {
-    "mlp": ["model.hidden=[32,16]"],
-    "cnn_small": ["model.channels=[4,8]", "model.hidden=16"],
-    "allcnn": ["model.channels=[4,8]"],
-    "resnet18": ["model.width=4", "model.blocks=[1,1,1,1]"],
-    "wide_resnet": ["model.depth=10", "model.width=1"],
-    "resnext34_2x32": ["model.base_width=4", "model.blocks=[2,1,1]"],
-}
 SHAPES = {"mnist5k": (1, 28, 28, 10), "cifar": (3, 32, 32, 10)}
 
 
 def build(name, overrides=(), shape=SHAPES["mnist5k"]):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=[f"model={name}", *overrides])
     channels, size, _, classes = shape
-    return instantiate(cfg.model, in_channels=channels, num_classes=classes, image_size=size)
+    return build_model_option(name, overrides, channels, size, classes)
 
 
 def test_every_model_option_is_shipped_with_target_and_tanh_off():
