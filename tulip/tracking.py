@@ -28,15 +28,15 @@ class RunContext:
     sweep_dir: str | None = None  # the multirun folder, None for a single run
 
 
-def write_json_atomic(obj: dict, path: Path) -> None:
-    """summary.json is read by sweeps and reports while jobs run: never leave half a file."""
+def _write_text_atomic(text: str, path: Path) -> None:
+    """Sweeps and reports read these files while jobs run: never leave half a file."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
 
 
-def _json_default(value):
-    return str(value)
+def write_json_atomic(obj: dict, path: Path) -> None:
+    _write_text_atomic(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", path)
 
 
 def read_json(path: Path) -> dict:
@@ -45,9 +45,7 @@ def read_json(path: Path) -> dict:
 
 def write_metrics_history(history: list[dict], path: Path) -> None:
     """Rewrite metrics.jsonl from the checkpointed history (a resumed run drops lost epochs)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in history))
-    os.replace(tmp, path)
+    _write_text_atomic("".join(json.dumps(row) + "\n" for row in history), path)
 
 
 def append_metrics(row: dict, path: Path) -> None:
