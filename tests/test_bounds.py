@@ -3,13 +3,14 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from tulip import attacks, bounds
 from tulip.attacks import attack_distances
 from tulip.data import mnist5k
 from tulip.measures import layer_norm_product
 from tulip.models import MLP, CNNSmall
+from tulip.regularizers import Objective
+from tulip.train import train_one_epoch
 
 
 @pytest.fixture(scope="module")
@@ -23,14 +24,7 @@ def trained_mlp(digits):
     torch.manual_seed(0)
     model = MLP(1, 10, 28, hidden=[64])
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    for _ in range(1):
-        order = torch.randperm(len(digits.train_y))
-        for start in range(0, len(order), 128):
-            idx = order[start:start + 128]
-            loss = F.cross_entropy(model(digits.train_x[idx]), digits.train_y[idx])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+    train_one_epoch(model, Objective(), optimizer, digits, batch_size=128, epoch=1, progress=False)
     return model.eval()
 
 

@@ -83,13 +83,20 @@ def test_start_is_idempotent(slurm_env):
         ["sinfo", "-h", "-o", "%T"], slurm_env)
 
 
+def sweep_on_cluster(args: list[str], sweep_dir: Path, tmp_path: Path, env: dict,
+                     timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python run.py -m ARGS` into `sweep_dir` on the test cluster; nothing is left queued after."""
+    try:
+        return run_tulip(["-m", *args, f"hydra.sweep.dir={sweep_dir}"], cwd=tmp_path,
+                         timeout=timeout, env=env)
+    finally:
+        cancel(sweep_dir, env)
+
+
 def test_three_job_multirun_through_submitit_slurm(tmp_path, slurm_env):
     sweep_dir = tmp_path / "sweep"
-    try:
-        result = run_tulip(["-m", "reg.lip=0,0.01,0.1", *SLURM, *TINY, "wandb.mode=offline",
-                            f"hydra.sweep.dir={sweep_dir}"], cwd=tmp_path, timeout=300, env=slurm_env)
-    finally:
-        cancel(sweep_dir, slurm_env)
+    result = sweep_on_cluster(["reg.lip=0,0.01,0.1", *SLURM, *TINY, "wandb.mode=offline"],
+                              sweep_dir, tmp_path, slurm_env)
     assert result.returncode == 0, output_of(result)
     jobs = job_folders(sweep_dir)
     assert [j.name for j in jobs] == ["0", "1", "2"]
@@ -118,11 +125,8 @@ def test_slurm_gpu_launcher_is_accepted_by_a_real_slurm(tmp_path, slurm_env):
                "hydra.launcher.account=tulip", "hydra.launcher.qos=normal",
                "hydra.launcher.constraint=tulip_test", "hydra.launcher.cpus_per_task=1",
                "hydra.launcher.mem_gb=1", "hydra.launcher.timeout_min=5"]
-    try:
-        result = run_tulip(["-m", "seed=0", *cluster, *TINY, "wandb.mode=disabled",
-                            f"hydra.sweep.dir={sweep_dir}"], cwd=tmp_path, timeout=240, env=slurm_env)
-    finally:
-        cancel(sweep_dir, slurm_env)
+    result = sweep_on_cluster(["seed=0", *cluster, *TINY, "wandb.mode=disabled"],
+                              sweep_dir, tmp_path, slurm_env, timeout=240)
     assert result.returncode == 0, output_of(result)
     assert read_summary(sweep_dir / "0")["status"] == "finished"
     script = next((sweep_dir / ".submitit").glob("*/*_submission.sh")).read_text()
@@ -133,11 +137,8 @@ def test_slurm_gpu_launcher_is_accepted_by_a_real_slurm(tmp_path, slurm_env):
 
 def test_a_job_that_raises_does_not_stop_the_others(tmp_path, slurm_env):
     sweep_dir = tmp_path / "sweep"
-    try:
-        result = run_tulip(["-m", "optim.lr=-1,0.05,0.1", *SLURM, *TINY, "wandb.mode=disabled",
-                            f"hydra.sweep.dir={sweep_dir}"], cwd=tmp_path, timeout=300, env=slurm_env)
-    finally:
-        cancel(sweep_dir, slurm_env)
+    result = sweep_on_cluster(["optim.lr=-1,0.05,0.1", *SLURM, *TINY, "wandb.mode=disabled"],
+                              sweep_dir, tmp_path, slurm_env)
     assert result.returncode == 1, output_of(result)  # the multirun reports the failure ...
     failed, *others = (read_summary(job) for job in job_folders(sweep_dir))
     assert failed["status"] == "failed" and "optim.lr" in failed.get("error", ""), failed
