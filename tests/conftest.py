@@ -28,12 +28,19 @@ TINY = ["epochs=1", "batch_size=64", "dataset.train_subset=512", "dataset.test_s
         "device=cpu", "wandb.mode=disabled", "attack=none"]
 
 
+def compose_with_hydra(*overrides: str, config_dir: Path = CONF_DIR, config_name: str = "config") -> DictConfig:
+    """The config with its `hydra` node, as `python run.py [--config-dir D --config-name N] <overrides>`
+    composes it (a sweep file in sweeps/ finds conf/ through hydra.searchpath)."""
+    GlobalHydra.instance().clear()
+    if config_dir != CONF_DIR:
+        overrides = (f"hydra.searchpath=[file://{CONF_DIR}]", *overrides)
+    with initialize_config_dir(str(config_dir), version_base="1.3"):
+        return compose(config_name, overrides=list(overrides), return_hydra_config=True)
+
+
 def compose_config(*overrides: str, tiny: bool = True) -> DictConfig:
     """The config `python run.py <overrides>` would get, with Hydra's job info set as in a job."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=[*(TINY if tiny else []), *overrides],
-                      return_hydra_config=True)
+    cfg = compose_with_hydra(*(TINY if tiny else []), *overrides)
     HydraConfig.instance().set_config(cfg)  # run() reads the chosen options and overrides here
     with open_dict(cfg):
         del cfg["hydra"]

@@ -2,27 +2,34 @@
 import csv
 import json
 import math
-import time
 
 import pytest
 import torch
 
 from conftest import compose_config
 from tulip.config import ConfigError
-from tulip.evaluate import check_config, evaluate_trained
+from tulip.data import load_dataset
+from tulip.evaluation import build_evaluation, evaluate_bounds
 from tulip.main import run
-from tulip.train import load_run
+from tulip.run_folder import RunFolder, load_run
 
 L2_EPS = [0.5, 1.0, 2.0]
 LINF_EPS = [0.005, 0.02]  # FGSM fails at these on almost every image: failures must be +inf
-ATTACK = ["attack=[ddn,pgd_l2,fgsm]", "attack.n=40", "attack.ddn.steps=20", "attack.pgd_l2.steps=10",
-          "attack.pgd_l2.rel_stepsize=0.2", f"attack.epsilons.l2=[{','.join(map(str, L2_EPS))}]",
+ATTACK = ["attack=[ddn,pgd_l2,fgsm]", "attack.n=40", "attack.methods.ddn.steps=20",
+          "attack.methods.pgd_l2.steps=10", "attack.methods.pgd_l2.rel_stepsize=0.2", f"attack.epsilons.l2=[{','.join(map(str, L2_EPS))}]",
           f"attack.epsilons.linf=[{','.join(map(str, LINF_EPS))}]"]
 
 
 def read_csv(path) -> list[dict]:
     with open(path) as f:
         return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def read_per_image(run_dir) -> list[dict]:
+    """attacks.csv and bounds.csv side by side: one dict per evaluated image."""
+    attacks, bounds = read_csv(run_dir / "attacks.csv"), read_csv(run_dir / "bounds.csv")
+    assert [row["index"] for row in attacks] == [row["index"] for row in bounds]
+    return [{**a, **b} for a, b in zip(attacks, bounds)]
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +62,7 @@ def test_training_run_reports_every_key(trained):
 
 def test_attacks_csv_has_zero_for_misclassified_and_inf_for_failures(trained):
     run_dir, metrics = trained
-    rows = read_csv(run_dir / "attacks.csv")
+    rows = read_per_image(run_dir)
     assert len(rows) == 40 and [row["index"] for row in rows] == list(range(40))
     columns = [f"{name}_{norm}" for name in ("ddn", "pgd_l2", "fgsm", "best") for norm in ("l2", "linf")]
     assert set(columns + ["label", "prediction", "first_order_l2", "certified_l2"]) <= set(rows[0])
@@ -80,7 +87,7 @@ def test_attacks_csv_has_zero_for_misclassified_and_inf_for_failures(trained):
 
 def test_no_attack_beats_the_certified_radius(trained):
     """Soundness on a trained small model: every adversarial found is at least the certified radius away."""
-    rows = read_csv(trained[0] / "attacks.csv")
+    rows = read_per_image(trained[0])
     assert sum(row["certified_l2"] > 0 for row in rows) >= 20
     for row in rows:
         for name in ("ddn", "pgd_l2", "fgsm", "best"):
@@ -101,15 +108,16 @@ def test_evaluate_mode_adds_attacks_to_an_existing_run(trained):
     run_dir, _ = trained
     before = json.loads((run_dir / "summary.json").read_text())
     metrics = run(compose_config("mode=evaluate", f"run_dir={run_dir}", "attack=deepfool_l2", "attack.n=20",
-                                 "attack.deepfool_l2.steps=10"))
+                                 "attack.methods.deepfool_l2.steps=10"))
     assert metrics["attack/deepfool_l2/failures"] == 0 and metrics["attack/n"] == 20
     after = json.loads((run_dir / "summary.json").read_text())
     assert after["attack/deepfool_l2/median_l2"] == pytest.approx(metrics["attack/deepfool_l2/median_l2"])
     assert after["status"] == "finished" and after["test/error_pct"] == before["test/error_pct"]
     assert "attack/ddn/median_l2" in before and "attack/ddn/median_l2" not in after  # replaced, not stale
     assert after["nn/l2_median"] == before["nn/l2_median"]  # eval.nn=false: nn results kept
-    rows = read_csv(run_dir / "attacks.csv")
-    assert len(rows) == 20 and "deepfool_l2_l2" in rows[0]
+    rows = read_per_image(run_dir)
+    assert len(rows) == 20 and "deepfool_l2_l2" in rows[0] and "certified_l2" in rows[0]
+    assert after["bounds/certified_median"] == pytest.approx(torch.tensor([r["certified_l2"] for r in rows]).median().item())
 
 
 def test_summary_mode_recomputes_the_original_statistics(trained, capsys):
@@ -138,13 +146,12 @@ def test_second_order_estimate_for_a_smooth_model():
     """Linear layer + bounded tanh head: smooth, so the second-order estimate is reported; with the
     largest Hessian norm C > 0 it is below the image's own first-order radius (−ℓ)₊/‖∇ℓ‖."""
     from tulip import bounds
-    from tulip.evaluate import evaluate_bounds
     from tulip.models import MLP
 
     torch.manual_seed(0)
     model = MLP(1, 10, 28, hidden=[], tanh=True).eval()
     x, y = torch.rand(16, 1, 28, 28), torch.arange(16) % 10
-    metrics, columns = evaluate_bounds(model, x, y, compose_config("attack=ddn").attack)
+    metrics, columns = evaluate_bounds(model, x, y, batch_size=16, epsilons_l2=[0.5, 1.0])
     assert metrics["bounds/hessian_norm_max"] > 0
     grads = bounds.loss_gradients(model, x, y, 16)
     own_first_order = (-grads.loss).clamp_min(0) / grads.grad_norm
@@ -153,12 +160,20 @@ def test_second_order_estimate_for_a_smooth_model():
     assert metrics["bounds/second_order_median"] == pytest.approx(second.median().item())
 
 
-def test_nothing_configured_returns_nothing_quickly(tmp_path):
-    cfg = compose_config()
-    started = time.perf_counter()
+def test_nothing_configured_returns_nothing_and_writes_nothing(tmp_path):
+    cfg = compose_config("eval.bounds=false")  # and attack=none, eval.nn=false
+    evaluation = build_evaluation(cfg)
+    assert evaluation.families == ()
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
-    assert evaluate_trained(cfg, model, None, tmp_path, tracker=None) == {}
-    assert time.perf_counter() - started < 1 and not list(tmp_path.iterdir())
+    assert evaluation(model, load_dataset(cfg.dataset, torch.device("cpu")), RunFolder(tmp_path)) == {}
+    assert not list(tmp_path.iterdir())
+
+
+def test_bounds_have_their_own_switch(tmp_path):
+    """Without any attack the bounds still run (eval.bounds defaults to on), on the first attack.n images."""
+    metrics = run(compose_config("attack.n=30"), tmp_path)
+    assert "bounds/certified_median" in metrics and not any(k.startswith("attack/") for k in metrics)
+    assert len(read_csv(tmp_path / "bounds.csv")) == 30 and not (tmp_path / "attacks.csv").exists()
 
 
 def test_tracker_gets_the_robust_error_curves(trained):
@@ -174,7 +189,7 @@ def test_tracker_gets_the_robust_error_curves(trained):
     tracker = RecordingTracker()
     loaded = load_run(run_dir, torch.device("cpu"))
     cfg = compose_config("attack=fgsm", "attack.n=10", "attack.epsilons.linf=[0.1,0.3]")
-    metrics = evaluate_trained(cfg, loaded.model, loaded.data, run_dir, tracker)
+    metrics = build_evaluation(cfg)(loaded.model, loaded.data, RunFolder(run_dir), tracker)
     assert set(tracker.tables) == {"attack/fgsm/robust_error", "attack/best/robust_error_linf",
                                    "bounds/certified_error"}
     columns, rows, line = tracker.tables["attack/fgsm/robust_error"]
@@ -188,20 +203,22 @@ def test_tracker_gets_the_robust_error_curves(trained):
     ("attack.batch_size=0", "attack.batch_size"),
     ("attack.epsilons.l2=[]", "attack.epsilons.l2"),
     ("attack.epsilons.linf=[-0.1]", "attack.epsilons.linf"),
-    ("+attack.ddn.stepz=3", "attack.ddn"),
+    ("+attack.methods.ddn.stepz=3", "attack.methods.ddn"),
+    ("+attack.methods.typo=3", "attack.methods.typo"),
     ("+attack.typo=3", "attack.typo"),
     ("eval.nn=maybe", "eval.nn"),
+    ("eval.bounds=1", "eval.bounds"),
 ])
 def test_bad_attack_config_names_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        check_config(compose_config("attack=ddn", override))
+        build_evaluation(compose_config("attack=ddn", override))
 
 
 def test_bad_run_folders(tmp_path, trained):
     with pytest.raises(FileNotFoundError, match="run_dir"):
         run(compose_config("mode=evaluate", f"run_dir={tmp_path}", "attack=ddn"))
     with pytest.raises(ConfigError, match="nothing to do"):
-        run(compose_config("mode=evaluate", f"run_dir={trained[0]}"))
+        run(compose_config("mode=evaluate", f"run_dir={trained[0]}", "eval.bounds=false"))
     # A checkpoint that does not fit the configured model: one clear error.
     (tmp_path / "checkpoints").mkdir()
     state = torch.load(trained[0] / "checkpoints" / "best.pt", weights_only=True)
@@ -213,6 +230,6 @@ def test_bad_run_folders(tmp_path, trained):
 
 def test_default_attack_option_is_a_quick_ddn():
     cfg = compose_config("attack=default")
-    assert cfg.attack.n == 200 and cfg.attack.ddn._target_ == "tulip.attacks.ddn"
-    assert set(check_config(cfg)) == {"ddn"}
-    assert check_config(compose_config("attack=none")) == {}
+    assert cfg.attack.n == 200 and cfg.attack.methods.ddn._target_ == "tulip.attacks.ddn"
+    assert set(build_evaluation(cfg).attacks) == {"ddn"}
+    assert build_evaluation(compose_config("attack=none")).attacks == {}

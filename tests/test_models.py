@@ -1,16 +1,12 @@
 """Every model option composes from the real Hydra config, trains, and linearizes to an affine map."""
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
 from hydra.errors import InstantiationException
 
-from conftest import SHRINK, build_model_option
+from conftest import CONF_DIR, SHRINK, build_model_option, compose_config
 from tulip.models import Classifier, Nonlinearity, linearized
 
-CONF = Path(__file__).resolve().parent.parent / "conf"
 MODELS = ["mlp", "cnn_small", "allcnn", "resnet18", "wide_resnet", "resnext34_2x32"]
 SHAPES = {"mnist5k": (1, 28, 28, 10), "cifar": (3, 32, 32, 10)}
 
@@ -21,10 +17,9 @@ def build(name, overrides=(), shape=SHAPES["mnist5k"]):
 
 
 def test_every_model_option_is_shipped_with_target_and_tanh_off():
-    assert sorted(p.stem for p in (CONF / "model").glob("*.yaml")) == sorted(MODELS)
+    assert sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml")) == sorted(MODELS)
     for name in MODELS:
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            cfg = compose("config", overrides=[f"model={name}"])
+        cfg = compose_config(f"model={name}", tiny=False)
         assert cfg.model._target_.startswith("tulip.models.")
         assert cfg.model.tanh is False
 

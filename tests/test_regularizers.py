@@ -4,25 +4,33 @@ import copy
 import inspect
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
+from hydra.utils import get_class
+from omegaconf import OmegaConf
 
+from conftest import CONF_DIR, compose_config as compose_run_config
+from tulip.objective import ArgumentError, build_objective
 from tulip.perturbations import frozen_eval, l2_direction, loss_input_grad, pgd_linf
-from tulip.regularizers import PGD_DEFAULTS, TRADES_DEFAULTS, Objective
+from tulip import regularizers
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
-OPTIONS = sorted(p.stem for p in (CONF / "regularizer").glob("*.yaml"))
+OPTIONS = sorted(p.stem for p in (CONF_DIR / "regularizer").glob("*.yaml") if not p.stem.startswith("_"))
 
 
 def compose_config(*overrides):
-    with initialize_config_dir(str(CONF), version_base=None):
-        return compose("config", overrides=list(overrides))
+    return compose_run_config(*overrides, tiny=False)
+
+
+def objective(**reg):
+    """The objective of the real config with these reg.* values: objective(lip=0.3, pgd={"eps": 0.1})."""
+    overrides = []
+    for key, value in reg.items():
+        for sub, v in (value.items() if isinstance(value, dict) else [("", value)]):
+            overrides.append(f"reg.{key}{'.' if sub else ''}{sub}={'inf' if v == math.inf else v}")
+    return build_objective(compose_config(*overrides).reg)
 
 
 def small_cnn(num_classes=10):
@@ -68,7 +76,7 @@ def test_lip_penalty_equals_loop_of_single_sample_gradients(p):
     torch.manual_seed(0)
     model, (x, y) = small_cnn().double().eval(), mnist_batch()
     x = x.double()
-    out = Objective(lip=0.3, lip_norm=p)(model, x, y)
+    out = objective(lip=0.3, lip_norm=p)(model, x, y)
     expected = 0.3 * norms(single_sample_grads(model, x, y), p).max()
     torch.testing.assert_close(out.logs["train/penalty_lip"], expected)
     torch.testing.assert_close(out.loss, F.cross_entropy(model(x), y) + expected)
@@ -80,7 +88,7 @@ def test_lip_penalty_gradient_wrt_weights_passes_gradcheck(p):
     """The penalty is a function of the weights through ∇_x ℓ (double backprop): gradcheck it."""
     model, (x, y) = smooth_mlp(), smooth_batch()
     names = [n for n, _ in model.named_parameters()]
-    objective = Objective(lip=1.0, lip_norm=p)
+    built = objective(lip=1.0, lip_norm=p)
 
     class Functional(nn.Module):  # the model, with the weights gradcheck perturbs
         def forward(self, z):
@@ -89,7 +97,7 @@ def test_lip_penalty_gradient_wrt_weights_passes_gradcheck(p):
     def penalty(*weights):
         f = Functional()
         f.params = dict(zip(names, weights))
-        return objective(f, x, y).loss - F.cross_entropy(f(x), y)
+        return built(f, x, y).loss - F.cross_entropy(f(x), y)
 
     weights = tuple(w.detach().clone().requires_grad_(True) for w in model.parameters())
     assert torch.autograd.gradcheck(penalty, weights, fast_mode=True)
@@ -99,7 +107,7 @@ def test_lip_is_evaluated_on_the_batch_actually_trained_on():
     torch.manual_seed(0)
     model, (x, y) = small_cnn().double().eval(), mnist_batch()
     x = x.double()
-    out = Objective(lip=1.0, J2=0.5)(model, x, y)
+    out = objective(lip=1.0, J2=0.5)(model, x, y)
     x_train = x + 0.5 * l2_direction(loss_input_grad(model, x, y))
     torch.testing.assert_close(out.logits, model(x_train))
     expected = norms(single_sample_grads(model, x_train, y), 2).max()
@@ -110,7 +118,7 @@ def test_gradnorm_is_exact_half_mean_squared_norm():
     torch.manual_seed(0)
     model, (x, y) = small_cnn().double().eval(), mnist_batch()
     x = x.double()
-    out = Objective(gradnorm=0.2)(model, x, y)
+    out = objective(gradnorm=0.2)(model, x, y)
     expected = 0.2 * norms(single_sample_grads(model, x, y), 2).square().mean() / 2
     torch.testing.assert_close(out.logs["train/penalty_gradnorm"], expected)
 
@@ -119,7 +127,7 @@ def test_decay_covers_weights_not_biases_nor_batchnorm():
     model, (x, y) = small_cnn(), mnist_batch()
     with torch.no_grad():
         model[1].weight.fill_(3.0)  # BatchNorm scale: must not count
-    out = Objective(decay=0.5)(model, x, y)
+    out = objective(decay=0.5)(model, x, y)
     expected = 0.5 * (model[0].weight.square().sum() + model[4].weight.square().sum())
     torch.testing.assert_close(out.logs["train/penalty_decay"], expected.detach())
     plain = F.cross_entropy(model(x), y)
@@ -140,7 +148,7 @@ def test_perturbed_loss_tends_to_gradient_norm(key, p, scale):
     limit = scale * norms(single_sample_grads(model, x, y), p).mean()
     errors = []
     for eps in (1e-2, 1e-3, 1e-4):
-        slope = (Objective(**{key: eps})(model, x, y).loss - clean) / eps
+        slope = (objective(**{key: eps})(model, x, y).loss - clean) / eps
         errors.append(abs(slope.item() - limit.item()) / limit.item())
     assert errors[-1] < 1e-3
     assert errors[0] > errors[1] > errors[2]
@@ -149,11 +157,11 @@ def test_perturbed_loss_tends_to_gradient_norm(key, p, scale):
 @pytest.mark.parametrize("fd_order", [1, 2])
 def test_gradnorm_fd_tends_to_gradnorm(fd_order):
     model, (x, y) = smooth_mlp(), smooth_batch()
-    exact = Objective(gradnorm=1.0)(model, x, y)
+    exact = objective(gradnorm=1.0)(model, x, y)
     exact_grads = torch.autograd.grad(exact.loss, list(model.parameters()))
     errors = []
     for h in (1e-2, 1e-3, 1e-4):
-        fd = Objective(gradnorm_fd=1.0, h=h, fd_order=fd_order)(model, x, y)
+        fd = objective(gradnorm_fd=1.0, h=h, fd_order=fd_order)(model, x, y)
         fd_grads = torch.autograd.grad(fd.loss, list(model.parameters()))
         rel = (fd.logs["train/penalty_gradnorm_fd"] / exact.logs["train/penalty_gradnorm"] - 1).abs()
         grad_rel = max(((a - b).norm() / b.norm()).item() for a, b in zip(fd_grads, exact_grads))
@@ -165,7 +173,7 @@ def test_gradnorm_fd_tends_to_gradnorm(fd_order):
 @pytest.mark.parametrize("fd_norm, p, scale", [(1, 1, 1 / 4), (math.inf, math.inf, 1.0)])
 def test_gradnorm_fd_direction_picks_the_norm(fd_norm, p, scale):
     model, (x, y) = smooth_mlp(), smooth_batch()
-    out = Objective(gradnorm_fd=1.0, h=1e-5, fd_order=2, fd_norm=fd_norm)(model, x, y)
+    out = objective(gradnorm_fd=1.0, h=1e-5, fd_order=2, fd_norm=fd_norm)(model, x, y)
     expected = (scale * norms(single_sample_grads(model, x, y), p)).square().mean() / 2
     torch.testing.assert_close(out.logs["train/penalty_gradnorm_fd"], expected, rtol=1e-6, atol=0)
 
@@ -179,11 +187,11 @@ def test_one_step_perturbation_uses_eval_mode_and_is_not_clamped(key):
     model, (x, y) = small_cnn().train(), mnist_batch()
     model(x)  # give BatchNorm running statistics that differ from this batch's
     x = torch.ones_like(x)  # every entry at the top of [0, 1]
-    objective = Objective(**{key: 5.0})
+    built = objective(**{key: 5.0})
     with frozen_eval(model):
         g = loss_input_grad(model, x, y)
     before = model[1].num_batches_tracked.clone()
-    x_train, _ = objective.batch(model, x, y)
+    x_train, _ = built.batch(model, x, y)
     assert model.training and all(p.requires_grad for p in model.parameters())
     assert model[1].num_batches_tracked == before  # no train-mode forward pass
     direction = {"J1": torch.sign, "J2": lambda v: v, "Jinf": lambda v: v}[key]
@@ -202,11 +210,11 @@ def test_pgd_trains_on_the_adversarial_batch_only():
     torch.manual_seed(0)
     model, (x, y) = small_cnn().double().train(), mnist_batch()
     x = x.double()
-    objective = Objective(pgd=dict(eps=0.1, steps=3, step_size=0.05, random_start=False))
+    built = objective(pgd=dict(eps=0.1, steps=3, step_size=0.05, random_start=False))
     with frozen_eval(model):  # before the objective's train-mode pass moves the running statistics
         x_adv = pgd_linf(lambda z: F.cross_entropy(model(z), y, reduction="none"), x, eps=0.1, steps=3,
                          step_size=0.05, random_start=False)
-    out = objective(model, x, y)
+    out = built(model, x, y)
     torch.testing.assert_close(out.logits, model(x_adv))  # train mode: same batch, same statistics
     torch.testing.assert_close(out.loss, F.cross_entropy(model(x_adv), y))
     assert not torch.allclose(x_adv, x)
@@ -219,7 +227,7 @@ def test_trades_matches_the_reference_training_step():
     reference = copy.deepcopy(model)
     x = x.double()
     torch.manual_seed(1)
-    out = Objective(trades=dict(beta=6.0, eps=0.2, steps=5, step_size=0.05))(model, x, y)
+    out = objective(trades=dict(beta=6.0, eps=0.2, steps=5, step_size=0.05))(model, x, y)
     grads = torch.autograd.grad(out.loss, list(model.parameters()))
 
     torch.manual_seed(1)
@@ -257,28 +265,38 @@ def test_every_option_sets_every_key_with_the_none_defaults():
         assert (reg.lip > 0) == name.startswith("lip"), name
 
 
-def test_python_defaults_match_the_none_config():
+def test_part_defaults_match_the_flat_defaults():
+    """A part built directly (Python) behaves as the config's default: every argument that reads a flat
+    reg.* key defaults to that key's value in _base.yaml."""
     reg = compose_config("regularizer=none").reg
-    signature = inspect.signature(Objective).parameters
-    for key, value in reg.items():
-        if key in ("pgd", "trades"):
-            defaults = {"pgd": PGD_DEFAULTS, "trades": TRADES_DEFAULTS}[key]
-            assert dict(value) == pytest.approx(defaults), key
-        elif key != "_target_":
-            assert signature[key].default == value, key
-    assert set(signature) == set(reg) - {"_target_"}
+    checked = 0
+    for group in ("batches", "penalties"):
+        for name, node in reg[group].items():
+            signature = inspect.signature(get_class(node._target_)).parameters
+            raw = OmegaConf.to_container(node, resolve=False)
+            for argument, value in node.items():
+                if argument != "_target_" and str(raw[argument]).startswith("${reg."):
+                    assert signature[argument].default == pytest.approx(value), f"reg.{group}.{name}.{argument}"
+                    checked += 1
+    assert checked >= 15
+
+
+def test_options_combine_like_their_plus_files():
+    for name in [o for o in OPTIONS if "+" in o]:
+        listed = compose_config(f"regularizer=[{name.replace('+', ',')}]").reg
+        assert OmegaConf.to_container(listed) == OmegaConf.to_container(compose_config(f"regularizer={name}").reg)
 
 
 @pytest.mark.parametrize("name", OPTIONS)
 def test_every_option_composes_and_trains_without_nan(name):
     torch.manual_seed(0)
-    objective = instantiate(compose_config(f"regularizer={name}", "reg.decay=1e-4").reg)
+    built = build_objective(compose_config(f"regularizer={name}", "reg.decay=1e-4").reg)
     model, (x, y) = small_cnn(), mnist_batch(16)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     start = [p.detach().clone() for p in model.parameters()]
     for _ in range(3):
         model.train()
-        out = objective(model, x, y)
+        out = built(model, x, y)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         opt.step()
@@ -294,11 +312,11 @@ def test_every_option_composes_and_trains_without_nan(name):
 
 def test_paper_recipe_overrides():
     cfg = compose_config("regularizer=lip+J2", "reg.lip=0.1", "reg.J2=0.01", "reg.decay=5e-4")
-    objective = instantiate(cfg.reg)
-    assert (objective.batch.eps, objective.batch.direction) == (0.01, l2_direction)
-    assert [name for name, _ in objective.penalties] == ["train/penalty_lip", "train/penalty_decay"]
-    assert objective.penalties[0][1].lam == 0.1 and objective.penalties[1][1].lam == 5e-4
-    linf = instantiate(compose_config("regularizer=lip", "reg.lip_norm=inf").reg)
+    built = build_objective(cfg.reg)
+    assert (built.batch.eps, built.batch.direction) == (0.01, l2_direction)
+    assert [name for name, _ in built.penalties] == ["train/penalty_lip", "train/penalty_decay"]
+    assert built.penalties[0][1].lam == 0.1 and built.penalties[1][1].lam == 5e-4
+    linf = build_objective(compose_config("regularizer=lip", "reg.lip_norm=inf").reg)
     assert linf.penalties[0][1].norm == math.inf
 
 
@@ -325,13 +343,26 @@ def test_paper_recipe_overrides():
     (["+reg.pgd.epsilon=0.1"], ["reg.pgd.epsilon"]),
 ])
 def test_bad_input_is_a_value_error_naming_the_keys(overrides, keys):
-    reg = compose_config(*overrides).reg
-    with pytest.raises(Exception) as error:
-        instantiate(reg)
-    assert isinstance(error.value.__cause__ or error.value, ValueError)  # Hydra wraps it
+    with pytest.raises(ValueError) as error:
+        build_objective(compose_config(*overrides).reg)
     assert all(key in str(error.value) for key in keys), str(error.value)
-    with pytest.raises(ValueError):  # and a direct call raises the ValueError itself
-        Objective(**{k: v for k, v in reg.items() if k != "_target_"})
+
+
+@pytest.mark.parametrize("part, arguments, name", [
+    (regularizers.LipschitzPenalty, dict(lam=-1), "lam"),
+    (regularizers.LipschitzPenalty, dict(norm=3), "norm"),
+    (regularizers.GradientStepBatch, dict(eps=-1), "eps"),
+    (regularizers.PGDBatch, dict(eps=0.1, steps=0), "steps"),
+    (regularizers.PGDBatch, dict(eps=0.1, norm=1), "norm"),
+    (regularizers.TradesBatch, dict(beta=1, step_size=0), "step_size"),
+    (regularizers.FiniteDifferencePenalty, dict(lam=1, order=3), "order"),
+    (regularizers.FiniteDifferencePenalty, dict(lam=1, h=0), "h"),
+    (regularizers.WeightDecayPenalty, dict(lam=float("nan")), "lam"),
+])
+def test_parts_called_directly_raise_a_value_error_naming_the_argument(part, arguments, name):
+    with pytest.raises(ArgumentError) as error:
+        part(**arguments)
+    assert isinstance(error.value, ValueError) and str(error.value).startswith(f"{name}=")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -343,6 +374,7 @@ def train_mnist5k(run_dir, *overrides):
                run_dir)
 
 
+@pytest.mark.slow
 def test_lip_lowers_the_loss_gradient_on_mnist5k(tmp_path):
     """Same seed and epochs: the Lipschitz penalty gives a smaller max test-loss gradient than none."""
     plain = train_mnist5k(tmp_path / "none", "regularizer=none", "dataset.test_subset=300")
@@ -360,3 +392,22 @@ def test_every_option_trains_on_mnist5k_without_nan(tmp_path, name):
                             "dataset.test_subset=100")
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "finished"
     assert math.isfinite(metrics["train/loss"]) and math.isfinite(metrics["test/loss"])
+
+
+@pytest.mark.parametrize("name", OPTIONS)
+def test_every_option_has_a_benchmark_twin_computing_the_same_loss(name):
+    """`python -m tulip.bench regularizers` times each option against a hand-written twin found by the
+    option's name: the twin must exist and compute the same training loss from the same random draws."""
+    from tulip.bench.regularizers import hand_written
+
+    twin = hand_written(name)
+    assert twin is not None, f"add hand_{name.replace('+', '_and_')} to tulip/bench/regularizers.py"
+    reg = compose_config(f"regularizer={name}").reg
+    model, (x, y) = small_cnn().double().train(), mnist_batch()
+    x = x.double()
+    twin_model = copy.deepcopy(model)  # a train-mode step moves BatchNorm's running statistics
+    torch.manual_seed(0)
+    ours = build_objective(reg)(model, x, y).loss
+    torch.manual_seed(0)
+    theirs = twin(twin_model, x, y, reg)
+    torch.testing.assert_close(ours, theirs)

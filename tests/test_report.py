@@ -21,12 +21,13 @@ import yaml
 from PIL import Image
 
 from tulip import report
+from tulip.report.plots import DPI, LEGEND_WIDTH, PANEL_SIZE
 
 REPO = Path(__file__).resolve().parents[1]
 # reg.lip=-1 is rejected by the config check: those two jobs fail for real, before writing a summary.
 SWEEP = ["regularizer=lip", "reg.lip=0,0.1,-1", "seed=0,1", "epochs=1", "wandb.mode=disabled",
          "dataset.train_subset=512", "dataset.test_subset=100", "attack=ddn", "attack.n=30",
-         "attack.ddn.steps=10"]
+         "attack.methods.ddn.steps=10"]
 # One BLAS/OpenMP thread: on the shared 2-core machine two threads per process make torch's SVD and
 # convolutions many times slower under load (measured: a 1-epoch job 16 s -> 1 s).
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -106,6 +107,7 @@ def assert_matches(cell: str, expected: float, key: str):
         assert float(cell) == pytest.approx(expected, rel=1e-9, abs=1e-12), key
 
 
+@pytest.mark.slow  # the fixture trains a real sweep
 def test_table_equals_the_runs_summaries(multirun, made):
     result, out = made
     assert result.returncode == 0, result.stderr
@@ -140,6 +142,7 @@ def test_table_equals_the_runs_summaries(multirun, made):
         assert f"| lip | {row['reg.lip']} | 2 | {mean:.4g} ± {std:.2g} |" in markdown
 
 
+@pytest.mark.slow  # the fixture trains a real sweep
 def test_failed_and_broken_runs_are_listed_not_dropped(multirun, made):
     result, out = made
     failed = [job for job in multirun.iterdir() if job.name.isdigit()
@@ -169,10 +172,11 @@ def expected_size(panels: int) -> tuple[int, int]:
     """(height, width) in pixels of a figure of `panels` panels with a legend, per tulip.report."""
     columns = min(panels, 3)
     rows = math.ceil(panels / columns)
-    width = (columns * report.PANEL_SIZE[0] + report.LEGEND_WIDTH) * report.DPI
-    return round(rows * report.PANEL_SIZE[1] * report.DPI), round(width)
+    width = (columns * PANEL_SIZE[0] + LEGEND_WIDTH) * DPI
+    return round(rows * PANEL_SIZE[1] * DPI), round(width)
 
 
+@pytest.mark.slow  # the fixture trains a real sweep
 def test_plots_are_images_of_the_expected_size(made):
     _, out = made
     header = read_csv(out / "report.csv")[0].keys()
@@ -201,6 +205,7 @@ def test_no_runs_is_an_error_and_writes_nothing(tmp_path):
     assert not (empty / "report.md").exists()
 
 
+@pytest.mark.slow  # the fixture trains a real sweep
 def test_only_unreadable_runs_is_an_error(multirun, tmp_path):
     broken = copy_run(multirun / "truncated", tmp_path / "broken")
     result = run_report(broken)
@@ -209,6 +214,7 @@ def test_only_unreadable_runs_is_an_error(multirun, tmp_path):
     assert not (broken / "report.md").exists()
 
 
+@pytest.mark.slow  # the fixture trains a real sweep
 def test_by_and_metric_options_on_run_folders(multirun, tmp_path, capsys):
     # Two run folders instead of the multirun; grouped by reg.lip; one replacing and one extra column.
     groups = {}
@@ -238,20 +244,51 @@ def test_by_and_metric_options_on_run_folders(multirun, tmp_path, capsys):
     assert "--metric test/eror_pct" in capsys.readouterr().err
 
 
+def write_columns(path: Path, columns: dict[str, list]):
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(columns)
+        writer.writerows(zip(*columns.values()))
+
+
+@pytest.mark.slow  # the fixture trains a real sweep
 def test_robust_error_from_attacks_csv(multirun, tmp_path):
-    """A summary without the curve keys: the curve is recomputed from the per-image distances."""
-    source = next(multirun.glob("[0-9]*/summary.json")).parent
+    """A summary without the curve keys: the curves are recomputed from the per-image distances, the
+    attacks' from attacks.csv and the certificate's from bounds.csv (older runs: from attacks.csv)."""
+    source = next(p for p in multirun.glob("[0-9]*/summary.json")
+                  if json.loads(p.read_text())["status"] == "finished").parent
     run = copy_run(source, tmp_path / "run")
     original = json.loads((run / "summary.json").read_text())
     curves = {k: v for k, v in original.items() if "error_pct" in k and "@" in k}
     stripped = {k: v for k, v in original.items() if k not in curves}
     (run / "summary.json").write_text(json.dumps(stripped))
-    assert report.main([str(run), "--out", str(tmp_path / "out")]) == 0
-    row = read_csv(tmp_path / "out" / "report.csv")[0]
     assert {"attack/ddn/error_pct_l2@1", "bounds/certified_error_pct@1"} <= curves.keys()
-    for key, value in curves.items():
-        assert float(row[key]) == pytest.approx(value, abs=1e-9), key
-    assert (tmp_path / "out" / "robust_error.png").exists()
+    attacks, bounds = read_csv(run / "attacks.csv"), read_csv(run / "bounds.csv")
+    assert "certified_l2" in bounds[0] and "certified_l2" not in attacks[0]
+
+    def check(out: Path):
+        assert report.main([str(run), "--out", str(out)]) == 0
+        row = read_csv(out / "report.csv")[0]
+        for key, value in curves.items():
+            assert float(row[key]) == pytest.approx(value, abs=1e-9), key
+        # the image columns and the first/second-order estimates are not attacks
+        assert not [k for k in row if k.startswith(("attack/index", "attack/label", "attack/prediction",
+                                                    "attack/first_order", "attack/second_order"))]
+        assert (out / "robust_error.png").exists()
+
+    check(tmp_path / "out")
+    # An older run: one attacks.csv held the bounds' columns too, and there was no bounds.csv.
+    merged = {k: [row[k] for row in attacks] for k in attacks[0]}
+    merged.update({k: [row[k] for row in bounds] for k in bounds[0]})
+    write_columns(run / "attacks.csv", merged)
+    (run / "bounds.csv").unlink()
+    check(tmp_path / "old")
+    # Without the certified radii there is no certified curve to rebuild.
+    del merged["certified_l2"]
+    write_columns(run / "attacks.csv", merged)
+    assert report.main([str(run), "--out", str(tmp_path / "none")]) == 0
+    header = read_csv(tmp_path / "none" / "report.csv")[0]
+    assert not [k for k in header if k.startswith("bounds/certified_error")]
 
 
 def test_console_script_is_declared():

@@ -10,10 +10,10 @@ import torch
 
 import tulip.train
 from conftest import ROOT, compose_config
-from tulip import checkpoint
 from tulip.config import ConfigError
 from tulip.main import run
-from tulip.train import load_run
+from tulip.run_folder import build_model, load_run
+from tulip.seeding import set_rng_state
 from wandb_records import history, inspect_summary, run_file, run_record
 
 EPOCH_KEYS = ["epoch", "lr", "time/epoch_s", "train/loss", "train/error_pct", "test/loss",
@@ -62,14 +62,14 @@ def test_checkpoint_round_trip(tmp_path):
     loaded = load_run(tmp_path, torch.device("cpu"))
     x = loaded.data.test_x[:50]
     saved = torch.load(tmp_path / "checkpoints" / "best.pt", weights_only=True)
-    reference = tulip.train.build_model(loaded.cfg, loaded.data, torch.device("cpu")).eval()
+    reference = build_model(loaded.cfg, loaded.data, torch.device("cpu")).eval()
     reference.load_state_dict(saved["model"])
     assert torch.equal(loaded.model(x), reference(x))
     assert loaded.cfg.seed == 0 and loaded.checkpoint["epoch"] == 1
     # rng states survive the weights_only round trip and restore the generators exactly
-    checkpoint.set_rng_state(saved["rng"])
+    set_rng_state(saved["rng"])
     a = torch.rand(3)
-    checkpoint.set_rng_state(saved["rng"])
+    set_rng_state(saved["rng"])
     assert torch.equal(a, torch.rand(3))
 
 
@@ -84,8 +84,16 @@ def test_load_run_errors_name_the_folder(tmp_path):
         load_run(tmp_path / "run", torch.device("cpu"))
 
 
-def test_interrupted_run_resumes_to_the_same_metrics(tmp_path, monkeypatch):
-    uninterrupted = run(compose_config("epochs=3"), tmp_path / "whole")
+# Every optimizer and schedule resumes exactly: their state (moments, step counts) is in the checkpoint.
+@pytest.mark.slow
+@pytest.mark.parametrize("optimization, learning_rates", [
+    (("scheduler.milestones=[2]",), 2), (("optim=adam", "scheduler=cosine"), 3),
+    (("optim=adamw", "scheduler=onecycle"), 3), (("scheduler=constant",), 1)])
+def test_interrupted_run_resumes_to_the_same_metrics(tmp_path, monkeypatch, optimization, learning_rates):
+    def compose():
+        return compose_config("epochs=3", *optimization)
+
+    uninterrupted = run(compose(), tmp_path / "whole")
 
     # Crash during epoch 2's measurements: the folder then holds epoch 1's last.pt.
     real_measure = tulip.train.measure
@@ -99,17 +107,18 @@ def test_interrupted_run_resumes_to_the_same_metrics(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tulip.train, "measure", crash_on_second_epoch)
     with pytest.raises(KeyboardInterrupt):
-        run(compose_config("epochs=3"), tmp_path / "split")
+        run(compose(), tmp_path / "split")
     summary = json.loads((tmp_path / "split" / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["epoch"] == 1
     monkeypatch.setattr(tulip.train, "measure", real_measure)
 
-    resumed = run(compose_config("epochs=3"), tmp_path / "split")
+    resumed = run(compose(), tmp_path / "split")
     assert without_times(resumed) == without_times(uninterrupted)
     rows = read_jsonl(tmp_path / "split" / "metrics.jsonl")
     assert [r["epoch"] for r in rows] == [1, 2, 3]
     assert [without_times(r) for r in rows] == [without_times(r) for r in
                                                  read_jsonl(tmp_path / "whole" / "metrics.jsonl")]
+    assert len({r["lr"] for r in rows}) == learning_rates  # the schedule really moved (or really did not)
 
 
 def test_resume_with_a_different_config_refuses_and_keeps_the_checkpoint(tmp_path):
@@ -158,6 +167,7 @@ def test_wandb_offline_run_holds_epochs_config_and_summary(tmp_path):
     assert "model=cnn_small" in record.tags and "regularizer=none" in record.tags
 
 
+@pytest.mark.slow
 def test_run_py_command_line(tmp_path):
     """`python run.py` itself: Hydra's folder, plain per-epoch lines (no terminal), the summary."""
     out_dir = tmp_path / "job"
@@ -184,6 +194,7 @@ def test_run_py_rejects_bad_values_before_training(tmp_path):
     assert json.loads((out_dir / "summary.json").read_text())["status"] == "failed"
 
 
+@pytest.mark.slow
 def test_default_run_acceptance(tmp_path):
     """The README's main job, unchanged: `python run.py` on mnist5k, W&B offline, default attack."""
     out_dir = tmp_path / "job"

@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 from test_sweeps import (ROOT, RUN_PY, TINY, job_folders, output_of, read_summary, run_tulip,
                          wandb_runs)
 
-pytestmark = pytest.mark.slurm
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 STATE = Path(os.environ.get("TULIP_SLURM_DIR", "/tmp/tulip-slurm"))
 START, STOP = ROOT / "tests" / "slurm" / "start.sh", ROOT / "tests" / "slurm" / "stop.sh"

@@ -11,14 +11,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
+
+from conftest import CONF_DIR as CONF, ROOT, compose_with_hydra
 from wandb_records import history, records
 
-ROOT = Path(__file__).resolve().parent.parent
-CONF = ROOT / "conf"
 SWEEPS = ROOT / "sweeps"
 RUN_PY = ROOT / "run.py"
 
@@ -58,7 +57,7 @@ def read_summary(job_dir: Path) -> dict:
 def wandb_runs(job_dir: Path) -> list[dict]:
     """One dict per offline W&B run in a job folder, oldest first: name, group, tags and config of
     its `run` record (absent when the attempt was killed before W&B flushed anything) and the
-    `epoch`s it logged, read from the run-<id>.wandb log (tests/wandb_records.py, NOTES §2)."""
+    `epoch`s it logged, read from the run-<id>.wandb log (tests/wandb_records.py)."""
     runs = []
     for run_file in sorted((job_dir / "wandb").glob("offline-run-*/run-*.wandb")):
         run = {"file": run_file, "epochs": [row["epoch"] for row in history(run_file) if "epoch" in row]}
@@ -77,9 +76,7 @@ def expand_sweep(name: str) -> tuple[OmegaConf, list[list[str]]]:
     """Compose sweeps/NAME.yaml with conf/ on the search path (what `run.py --config-dir sweeps
     --config-name NAME` does) and list every job's overrides the way Hydra's basic sweeper expands
     hydra.sweeper.params."""
-    with initialize_config_dir(config_dir=str(SWEEPS), version_base="1.3"):
-        cfg = compose(config_name=name, overrides=[f"hydra.searchpath=[file://{CONF}]"],
-                      return_hydra_config=True)
+    cfg = compose_with_hydra(config_dir=SWEEPS, config_name=name)
     params = [f"{key}={value}" for key, value in cfg.hydra.sweeper.params.items()]
     parsed = OverridesParser.create().parse_overrides(params)
     return cfg, BasicSweeper.split_arguments(parsed, max_batch_size=None)[0]
@@ -91,9 +88,7 @@ def test_every_job_of_every_sweep_file_composes(name):
     assert cfg.hydra.mode.name == "MULTIRUN"
     assert len(jobs) >= 2
     parser = OverridesParser.create()
-    with initialize_config_dir(config_dir=str(SWEEPS), version_base="1.3"):
-        composed = [compose(config_name=name, overrides=[f"hydra.searchpath=[file://{CONF}]", *job],
-                            return_hydra_config=True) for job in jobs]
+    composed = [compose_with_hydra(*job, config_dir=SWEEPS, config_name=name) for job in jobs]
     for overrides, job in zip(jobs, composed):
         for override in parser.parse_overrides(overrides):
             key, value = override.key_or_group, override.value()
@@ -138,9 +133,8 @@ def test_slurm_gpu_launcher_keys_are_overridable():
                  "hydra.launcher.qos=high", "hydra.launcher.constraint=h100", "hydra.launcher.cpus_per_task=4",
                  "hydra.launcher.mem_gb=16", "hydra.launcher.timeout_min=30",
                  "hydra.launcher.array_parallelism=3", "hydra.launcher.setup=[module load cuda]"]
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        default = compose(config_name="config", overrides=overrides[:1], return_hydra_config=True)
-        custom = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    default = compose_with_hydra(*overrides[:1])
+    custom = compose_with_hydra(*overrides)
     launcher = default.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert launcher.gpus_per_node == 1 and launcher.max_num_timeout > 0  # timeouts requeue
@@ -152,8 +146,7 @@ def test_slurm_gpu_launcher_keys_are_overridable():
 
 
 def test_config_enables_the_sweep_report_callback():
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="config", return_hydra_config=True)
+    cfg = compose_with_hydra()
     targets = [c._target_ for c in cfg.hydra.callbacks.values()]
     assert "tulip.callbacks.SweepReport" in targets
 

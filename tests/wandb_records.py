@@ -1,6 +1,6 @@
 """Read an offline W&B run file (run-<id>.wandb) back, for tests.
 
-The file is a LevelDB-style log (NOTES.md §2): a 7-byte header (':W&B', magic 0xBEE1, version),
+The file is a LevelDB-style log: a 7-byte header (':W&B', magic 0xBEE1, version),
 then 32 KiB blocks of records, each with a 7-byte header (crc32 4, length 2, type 1; type 1 = full,
 2/3/4 = first/middle/last fragment). Each record is a protobuf `wandb_internal_pb2.Record`.
 """

@@ -18,14 +18,13 @@ Two kinds of attacks:
 The original ran Foolbox 1.x one image per call; Foolbox 3 attacks take a batch (see
 ``python -m tulip.bench attacks`` for what that buys). Each attack below is a small factory: its
 docstring names the paper, the norm and the defaults (which conf/attack/<name>.yaml repeats, so every
-parameter can be overridden, e.g. ``attack.ddn.steps=100``).
+parameter can be overridden, e.g. ``attack.methods.ddn.steps=100``).
 """
 import foolbox
 import torch
 
+from tulip.metric_keys import NORMS
 from tulip.perturbations import frozen_eval
-
-NORMS = ("l2", "linf")
 
 
 def perturbation_norms(delta: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -48,6 +47,11 @@ class Attack:
         """Attack a batch x (B, C, H, W) with labels y (B,); returns (adversarial (B, C, H, W),
         success (B,) bool)."""
         raise NotImplementedError
+
+    def distances(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, epsilons: list[float],
+                  batch_size: int) -> dict[str, torch.Tensor]:
+        """Per-image adversarial distances of this attack: see :func:`attack_distances`."""
+        return attack_distances(self, model, x, y, epsilons, batch_size)
 
 
 class MinimizationAttack(Attack):

@@ -12,11 +12,13 @@ under `hydra.sweep.dir`; the report reads those files, so it works the same for 
 submitit_local and SLURM (where the jobs ran in other processes or on other machines).
 """
 import atexit
-import json
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+
+from tulip.metric_keys import TEST_ERROR
+from tulip.run_folder import RunFolder
 
 
 def collect_jobs(sweep_dir: Path) -> list[dict]:
@@ -27,8 +29,7 @@ def collect_jobs(sweep_dir: Path) -> list[dict]:
     folders.sort(key=lambda f: (not f.name.isdigit(), int(f.name) if f.name.isdigit() else 0, f.name))
     jobs = []
     for folder in folders:
-        summary_file = folder / "summary.json"
-        summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+        summary = RunFolder(folder).read_summary()
         overrides = summary.get("overrides")
         if overrides is None and (folder / ".hydra" / "overrides.yaml").is_file():
             overrides = list(OmegaConf.load(folder / ".hydra" / "overrides.yaml"))
@@ -37,7 +38,7 @@ def collect_jobs(sweep_dir: Path) -> list[dict]:
     return jobs
 
 
-def format_report(sweep_dir: Path, jobs: list[dict], metric: str = "test/error_pct") -> str:
+def format_report(sweep_dir: Path, jobs: list[dict], metric: str = TEST_ERROR) -> str:
     counts = {}
     for job in jobs:
         counts[job["status"]] = counts.get(job["status"], 0) + 1
@@ -62,7 +63,7 @@ def format_report(sweep_dir: Path, jobs: list[dict], metric: str = "test/error_p
 class SweepReport(Callback):
     """Prints the table of `format_report` once, at the end of a multirun."""
 
-    def __init__(self, metric: str = "test/error_pct") -> None:
+    def __init__(self, metric: str = TEST_ERROR) -> None:
         self.metric = metric
         self.sweep_dir: Path | None = None
         self.reported = False

@@ -37,15 +37,21 @@ def validate(cfg: DictConfig) -> None:
     for key in ("epochs", "batch_size", "test_batch_size"):
         _require(_is_int(cfg[key]) and cfg[key] >= 1, key, cfg[key], "an integer >= 1")
     _require(_is_int(cfg.seed), "seed", cfg.seed, "an integer")
-    optim = cfg.optim
+    # Optimizers and schedules check their own arguments when built; these are the ones a sweep over
+    # optim=/scheduler= options shares, checked here so a bad value fails before any output.
+    optim, scheduler = cfg.optim, cfg.scheduler
     _require(_is_number(optim.lr) and optim.lr > 0, "optim.lr", optim.lr, "a number > 0")
-    _require(_is_number(optim.momentum) and 0 <= optim.momentum < 1, "optim.momentum",
-             optim.momentum, "a number in [0, 1)")
-    _require(_is_number(optim.gamma) and optim.gamma > 0, "optim.gamma", optim.gamma, "a number > 0")
-    _require(all(_is_int(m) and m >= 1 for m in optim.milestones), "optim.milestones",
-             list(optim.milestones), "a list of epochs >= 1")
-    _require(not optim.nesterov or optim.momentum > 0, "optim.nesterov", optim.nesterov,
-             "false when optim.momentum=0 (Nesterov needs momentum)")
+    if "momentum" in optim:
+        _require(_is_number(optim.momentum) and 0 <= optim.momentum < 1, "optim.momentum",
+                 optim.momentum, "a number in [0, 1)")
+        _require(not optim.get("nesterov") or optim.momentum > 0, "optim.nesterov", optim.get("nesterov"),
+                 "false when optim.momentum=0 (Nesterov needs momentum)")
+    if "gamma" in scheduler:
+        _require(_is_number(scheduler.gamma) and scheduler.gamma > 0, "scheduler.gamma", scheduler.gamma,
+                 "a number > 0")
+    if "milestones" in scheduler:
+        _require(all(_is_int(m) and m >= 1 for m in scheduler.milestones), "scheduler.milestones",
+                 list(scheduler.milestones), "a list of epochs >= 1")
     _require(cfg.device in DEVICES, "device", cfg.device, " | ".join(DEVICES))
     _require(cfg.wandb.mode in WANDB_MODES, "wandb.mode", cfg.wandb.mode, " | ".join(WANDB_MODES))
 

@@ -1,10 +1,10 @@
 """`run(cfg)`: what `python run.py` does, callable from tests, sweeps and notebooks.
 
-It checks the config, then trains (mode=train) or evaluates an existing run folder
-(mode=evaluate, mode=summary), and returns the metrics as a dict. A diverged run returns NaN
-metrics instead of raising, so a sweep goes on with its other jobs. A training job that cannot
-start (a bad value) still leaves a summary.json saying `failed` and why, so that a sweep's
-report lists it.
+It checks the config and builds the final evaluation (so a bad `attack.*` fails before training), then
+trains (mode=train) or works on an existing run folder (mode=evaluate, mode=summary), and returns the
+metrics as a dict. A diverged run returns NaN metrics instead of raising, so a sweep goes on with its
+other jobs. A training job that cannot start (a bad value) still leaves a summary.json saying `failed`
+and why, so that a sweep's report lists it.
 """
 from pathlib import Path
 
@@ -12,8 +12,11 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from tulip.config import validate
-from tulip.evaluate import check_config as check_evaluation_config
-from tulip.tracking import RunContext, write_json_atomic
+from tulip.evaluation import build_evaluation
+from tulip.modes import evaluate_run, summarize_run
+from tulip.run_folder import RunFolder
+from tulip.tracking import RunContext
+from tulip.train import train
 
 
 def hydra_context() -> tuple[Path | None, RunContext]:
@@ -37,32 +40,20 @@ def run(cfg: DictConfig, run_dir: Path | str | None = None,
     context = context or hydra_context_
     run_dir = Path(run_dir) if run_dir is not None else hydra_dir
     try:
-        return _dispatch(cfg, run_dir, context)
+        validate(cfg)
+        evaluation = build_evaluation(cfg)
+        if cfg.mode == "evaluate":
+            return evaluate_run(cfg, evaluation)
+        if cfg.mode == "summary":
+            return summarize_run(cfg)
+        if run_dir is None:
+            raise ValueError("run(cfg) outside Hydra needs run_dir")
+        return train(cfg, RunFolder(run_dir), context, evaluation)
     except Exception as error:
         # A job that could not start (or failed before its first summary) says so in its folder;
         # an existing summary.json (another run's, or this job's last attempt) is never overwritten.
-        if cfg.get("mode") == "train" and run_dir is not None \
-                and not (run_dir / "summary.json").exists():
-            run_dir.mkdir(parents=True, exist_ok=True)
-            write_json_atomic({"status": "failed", "epoch": 0,
-                               "error": f"{type(error).__name__}: {error}",
-                               "overrides": list(context.overrides)}, run_dir / "summary.json")
+        folder = RunFolder(run_dir) if run_dir is not None else None
+        if cfg.get("mode") == "train" and folder is not None and not folder.summary_file.exists():
+            folder.write_summary({"status": "failed", "epoch": 0, "error": f"{type(error).__name__}: {error}",
+                                  "overrides": list(context.overrides)})
         raise
-
-
-def _dispatch(cfg: DictConfig, run_dir: Path | None, context: RunContext) -> dict:
-    validate(cfg)
-    check_evaluation_config(cfg)  # attack.* / eval.* errors before training, not after it
-    if cfg.mode == "evaluate":
-        from tulip.evaluate import evaluate_run
-
-        return evaluate_run(cfg)
-    if cfg.mode == "summary":
-        from tulip.evaluate import summarize_run
-
-        return summarize_run(cfg)
-    if run_dir is None:
-        raise ValueError("run(cfg) outside Hydra needs run_dir")
-    from tulip.train import train
-
-    return train(cfg, run_dir, context)

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tulip import metric_keys
 from tulip.models import (BranchMean, Classifier, ConvBN, DenseBN, GlobalAvgPool, Nonlinearity, Residual,
                           linearized)
 
@@ -99,17 +100,17 @@ def measure(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int)
         grad_norms = torch.cat(grad_norms)
         rows = linearized_matrix(model, x)
         metrics = {
-            "test/error_pct": 100.0 * wrong / len(x),
-            "test/loss": loss_sum / len(x),
-            "lipschitz/loss_grad_max": grad_norms.max().item(),
-            "lipschitz/loss_grad_mean": grad_norms.mean().item(),
-            "lipschitz/jacobian_2inf": jacobian_2inf,
-            "weights/product_2inf": rows.norm(dim=1).max().item(),
-            "weights/product_spectral": torch.linalg.matrix_norm(rows, ord=2).item(),
-            "weights/layer_norm_product": layer_norm_product(model, x.shape[1:]),
+            metric_keys.TEST_ERROR: 100.0 * wrong / len(x),
+            metric_keys.TEST_LOSS: loss_sum / len(x),
+            metric_keys.LOSS_GRAD_MAX: grad_norms.max().item(),
+            metric_keys.LOSS_GRAD_MEAN: grad_norms.mean().item(),
+            metric_keys.JACOBIAN_2INF: jacobian_2inf,
+            metric_keys.PRODUCT_2INF: rows.norm(dim=1).max().item(),
+            metric_keys.PRODUCT_SPECTRAL: torch.linalg.matrix_norm(rows, ord=2).item(),
+            metric_keys.LAYER_NORM_PRODUCT: layer_norm_product(model, x.shape[1:]),
         }
         if isinstance(model, Classifier) and model.tanh_scale is not None:
-            metrics["model/tanh_scale"] = model.tanh_scale.item()
+            metrics[metric_keys.TANH_SCALE] = model.tanh_scale.item()
     return metrics
 
 

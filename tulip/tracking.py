@@ -1,23 +1,20 @@
-"""Where a run's numbers go: plain files in the run folder and a Weights & Biases run.
+"""The Weights & Biases run of a job: a mirror of the run folder's files, for comparing runs.
 
-The files (metrics.jsonl, summary.json) are the record of truth; W&B is for comparing runs. W&B is
-offline by default (no account, no network) and `wandb.mode=disabled` turns it into a no-op run, so
-the code below never branches on whether W&B is on.
+The files (metrics.jsonl, summary.json: tulip.run_folder) are the record of truth. W&B is offline by
+default (no account, no network) and `wandb.mode=disabled` turns it into a no-op run, so the code
+below never branches on whether W&B is on.
 """
-import json
 import logging
-import math
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import wandb
 from omegaconf import DictConfig, OmegaConf
 
-log = logging.getLogger(__name__)
+from tulip import metric_keys
+from tulip.run_folder import RunFolder, finite_or_none
 
-# Metric families logged once per epoch; W&B plots all of them against `epoch`.
-EPOCH_METRIC_PREFIXES = ("train/", "test/", "lipschitz/", "weights/", "model/", "time/")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -28,37 +25,6 @@ class RunContext:
     sweep_dir: str | None = None  # the multirun folder, None for a single run
 
 
-def _write_text_atomic(text: str, path: Path) -> None:
-    """Sweeps and reports read these files while jobs run: never leave half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_json_atomic(obj: dict, path: Path) -> None:
-    _write_text_atomic(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", path)
-
-
-def read_json(path: Path) -> dict:
-    return json.loads(path.read_text())
-
-
-def write_metrics_history(history: list[dict], path: Path) -> None:
-    """Rewrite metrics.jsonl from the checkpointed history (a resumed run drops lost epochs)."""
-    _write_text_atomic("".join(json.dumps(row) + "\n" for row in history), path)
-
-
-def append_metrics(row: dict, path: Path) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(row) + "\n")
-
-
-def finite_or_none(metrics: dict) -> dict:
-    """JSON has no NaN/inf; W&B and summary.json get None for a non-finite float."""
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-            for k, v in metrics.items()}
-
-
 class Tracker:
     """The W&B run of one attempt of one job.
 
@@ -67,8 +33,8 @@ class Tracker:
     as its x-axis so the attempts line up.
     """
 
-    def __init__(self, cfg: DictConfig, run_dir: Path, context: RunContext):
-        wandb_dir = run_dir / "wandb"
+    def __init__(self, cfg: DictConfig, folder: RunFolder, context: RunContext):
+        wandb_dir = folder.wandb_dir
         previous_attempts = len(list(wandb_dir.glob("*run-*"))) if wandb_dir.is_dir() else 0
         wandb_dir.mkdir(parents=True, exist_ok=True)
         name = cfg.wandb.name or ",".join(context.overrides) or "defaults"
@@ -83,13 +49,13 @@ class Tracker:
         self.broken = False
         self.run = wandb.init(mode=cfg.wandb.mode, project=cfg.wandb.project, entity=cfg.wandb.entity,
                               group=group, name=name, tags=[t[:64] for t in tags], config=config,
-                              dir=str(run_dir), reinit="finish_previous")
-        self.run.define_metric("epoch")
-        for prefix in EPOCH_METRIC_PREFIXES:
-            self.run.define_metric(f"{prefix}*", step_metric="epoch")
-        self.run.define_metric("lr", step_metric="epoch")
+                              dir=str(folder.path), reinit="finish_previous")
+        self.run.define_metric(metric_keys.EPOCH)
+        for prefix in metric_keys.EPOCH_PREFIXES:
+            self.run.define_metric(f"{prefix}*", step_metric=metric_keys.EPOCH)
+        self.run.define_metric(metric_keys.LR, step_metric=metric_keys.EPOCH)
         # The W&B summary of test error keeps its best (min) and its final value.
-        self.run.define_metric("test/error_pct", step_metric="epoch", summary="min,last")
+        self.run.define_metric(metric_keys.TEST_ERROR, step_metric=metric_keys.EPOCH, summary="min,last")
 
     def _mirror(self, call, *args, **kwargs) -> None:
         """W&B only mirrors the files. If its service dies (SLURM sends SIGTERM to every process of
@@ -118,7 +84,7 @@ class Tracker:
         self._mirror(self.run.log, entries)
 
     def finish(self, summary: dict, failed: bool) -> None:
-        epoch_keys = {"test/error_pct"}  # their W&B summary is set by define_metric above
+        epoch_keys = {metric_keys.TEST_ERROR}  # their W&B summary is set by define_metric above
         self._mirror(self.run.summary.update, {k: v for k, v in finite_or_none(summary).items()
                                                if k not in epoch_keys})
         self.broken = False  # finish() even after a failed log: it closes the run's files

@@ -1,29 +1,34 @@
 """Training one run: build everything from the config, train, measure every epoch, checkpoint.
 
-Read top to bottom: `train` builds the data, model, objective and optimizer, resumes from
+Read top to bottom: `train` builds the data, model, objective, optimizer and schedule, resumes from
 `checkpoints/last.pt` when the folder holds one, then loops over epochs. Each epoch is a flat loop of
 steps followed by the test-set measurements of tulip.measures. After the last epoch the best
-checkpoint is evaluated (attacks, bounds, nearest neighbours: tulip.evaluate) and summary.json is
-written, whatever happened.
+checkpoint goes through the final evaluation it was handed (tulip.evaluation, built before training)
+and summary.json is written, whatever happened.
 """
 import logging
 import math
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Callable
 
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from tulip import checkpoint
+from tulip import metric_keys
 from tulip.config import ConfigError, resolve_device
 from tulip.data import Data, load_dataset
 from tulip.measures import measure
-from tulip.tracking import (RunContext, Tracker, append_metrics, finite_or_none,
-                            write_json_atomic, write_metrics_history)
+from tulip.objective import build_objective
+from tulip.run_folder import RunFolder, build_model
+from tulip.seeding import rng_state, seed_everything, set_rng_state
+from tulip.tracking import RunContext, Tracker
+
+# The final evaluation: (model, data, folder, tracker) -> metrics (tulip.evaluation.Evaluation).
+FinalEvaluation = Callable[[torch.nn.Module, Data, RunFolder, Tracker], dict]
 
 log = logging.getLogger(__name__)
 
@@ -44,39 +49,6 @@ class TrainState:
     best_error: float = math.inf
     best_epoch: int = 0
     history: list = field(default_factory=list)  # one metrics dict per completed epoch
-
-
-def build_model(cfg: DictConfig, data: Data, device: torch.device) -> torch.nn.Module:
-    # called through a partial so that the model's own ValueError reaches the user unwrapped
-    model = instantiate(cfg.model, _partial_=True)(
-        in_channels=data.in_channels, num_classes=data.num_classes, image_size=data.image_size)
-    return model.to(device)
-
-
-@dataclass
-class LoadedRun:
-    cfg: DictConfig  # the config the run was trained with
-    model: torch.nn.Module  # best checkpoint's weights, eval mode, on the device
-    data: Data
-    checkpoint: dict
-
-
-def load_run(run_dir: Path | str, device: torch.device, which: str = "best") -> LoadedRun:
-    """Rebuild a finished (or running) run's data and model from its checkpoint, for evaluation."""
-    path = Path(run_dir) / "checkpoints" / f"{which}.pt"
-    if not path.is_file():
-        raise FileNotFoundError(f"run_dir={run_dir}: no checkpoint {path.name} in {path.parent} "
-                                f"(is this a Tulip run folder that trained at least one epoch?)")
-    state = checkpoint.load(path, device)
-    cfg = OmegaConf.create(state["config"])
-    data = load_dataset(cfg.dataset, device)
-    model = build_model(cfg, data, device)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as error:
-        raise ConfigError(f"checkpoint {path} does not fit the model it was saved with "
-                          f"(model={cfg.model.get('_target_')}): {error}") from error
-    return LoadedRun(cfg, model.eval(), data, state)
 
 
 def _training_config(config: dict) -> dict:
@@ -124,51 +96,53 @@ def train_one_epoch(model, objective, optimizer, data: Data, batch_size: int, ep
     bad = (~torch.isfinite(step_losses)).nonzero()
     if len(bad):
         raise Diverged(epoch, int(bad[0]))
-    metrics = {"train/loss": step_losses.mean().item(),
-               "train/error_pct": 100.0 * (1.0 - correct.item() / (steps * batch_size))}
+    metrics = {metric_keys.TRAIN_LOSS: step_losses.mean().item(),
+               metric_keys.TRAIN_ERROR: 100.0 * (1.0 - correct.item() / (steps * batch_size))}
     metrics.update({name: float(total) / steps for name, total in penalty_sums.items()})
     return metrics
 
 
-def train(cfg: DictConfig, run_dir: Path, context: RunContext) -> dict:
-    """Train the configured model in `run_dir`; return the final metrics (NaN on divergence)."""
+def _build(node: DictConfig, key: str, *args):
+    """instantiate(node)(*args) for a `_partial_` node; a bad argument becomes a ConfigError naming `key`."""
+    try:
+        return instantiate(node)(*args)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{key} ({node.get('_target_')}) is invalid: {error}") from error
+
+
+def train(cfg: DictConfig, folder: RunFolder, context: RunContext, evaluate: FinalEvaluation) -> dict:
+    """Train the configured model in `folder`; return the final metrics (NaN on divergence)."""
     job_start = time.time()
     device = resolve_device(cfg.device)
-    checkpoint.seed_everything(cfg.seed)
+    seed_everything(cfg.seed)
     data = load_dataset(cfg.dataset, device)
     if len(data.train_y) < cfg.batch_size:
         raise ConfigError(f"batch_size={cfg.batch_size} is invalid: the training set has only "
                           f"{len(data.train_y)} images")
     model = build_model(cfg, data, device)
-    objective = instantiate(cfg.reg, _partial_=True)()  # its ValueError names the reg.* key
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
-                                nesterov=cfg.optim.nesterov)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(cfg.optim.milestones),
-                                                     cfg.optim.gamma)
+    objective = build_objective(cfg.reg)  # its ValueError names the reg.* key
+    optimizer = _build(cfg.optim, "optim", model.parameters())
+    scheduler = _build(cfg.scheduler, "scheduler", optimizer)
     config = OmegaConf.to_container(cfg, resolve=True)
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    last_path = run_dir / "checkpoints" / "last.pt"
-    best_path = run_dir / "checkpoints" / "best.pt"
-    metrics_path = run_dir / "metrics.jsonl"
+    folder.path.mkdir(parents=True, exist_ok=True)
     state = TrainState()
-    if last_path.exists():
-        saved = checkpoint.load(last_path, device)
+    if folder.last_checkpoint.exists():
+        saved = folder.load_checkpoint(folder.last_checkpoint, device)
         changed = _differing_keys(_training_config(saved["config"]), _training_config(config))
         if changed:
-            raise ConfigError(f"{run_dir} holds a checkpoint of a run with a different config "
+            raise ConfigError(f"{folder.path} holds a checkpoint of a run with a different config "
                               f"(differs in: {', '.join(changed)}); refusing to overwrite it. "
                               f"Use another hydra.run.dir or the same config to resume.")
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
-        checkpoint.set_rng_state(saved["rng"])
-        state = TrainState(saved["epoch"], saved["best_error"], saved["best_epoch"],
-                           list(saved["history"]))
-        log.info("resuming %s from epoch %d", run_dir, state.epoch)
-    write_metrics_history(state.history, metrics_path)
+        set_rng_state(saved["rng"])
+        state = TrainState(saved["epoch"], saved["best_error"], saved["best_epoch"], list(saved["history"]))
+        log.info("resuming %s from epoch %d", folder.path, state.epoch)
+    folder.write_metrics_history(state.history)
 
-    tracker = Tracker(cfg, run_dir, context)
+    tracker = Tracker(cfg, folder, context)
     for row in state.history:  # a new attempt's W&B run also shows the epochs before it
         tracker.log(row)
     progress = sys.stderr.isatty()
@@ -179,50 +153,47 @@ def train(cfg: DictConfig, run_dir: Path, context: RunContext) -> dict:
         summary["time/first_step"] = time.time()
         for epoch in range(state.epoch + 1, cfg.epochs + 1):
             started = time.perf_counter()
-            metrics = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
+            metrics = {metric_keys.EPOCH: epoch, metric_keys.LR: optimizer.param_groups[0]["lr"]}
             metrics.update(train_one_epoch(model, objective, optimizer, data, cfg.batch_size,
                                            epoch, progress))
             scheduler.step()
             metrics.update(measure(model, data.test_x, data.test_y, cfg.test_batch_size))
-            metrics["time/epoch_s"] = time.perf_counter() - started
+            metrics[metric_keys.EPOCH_TIME] = time.perf_counter() - started
             state.epoch = epoch
             state.history.append(metrics)
-            if metrics["test/error_pct"] < state.best_error:
-                state.best_error, state.best_epoch = metrics["test/error_pct"], epoch
+            if metrics[metric_keys.TEST_ERROR] < state.best_error:
+                state.best_error, state.best_epoch = metrics[metric_keys.TEST_ERROR], epoch
             saved = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "epoch": epoch, "rng": checkpoint.rng_state(),
+                     "scheduler": scheduler.state_dict(), "epoch": epoch, "rng": rng_state(),
                      "config": config, "best_error": state.best_error,
                      "best_epoch": state.best_epoch, "history": state.history}
             if state.best_epoch == epoch:
-                checkpoint.save_atomic(saved, best_path)
-            checkpoint.save_atomic(saved, last_path)
-            append_metrics(metrics, metrics_path)
+                folder.save_checkpoint(saved, folder.best_checkpoint)
+            folder.save_checkpoint(saved, folder.last_checkpoint)
+            folder.append_metrics(metrics)
             tracker.log(metrics)
             log.info("epoch %d/%d  train err %.2f%%  test err %.2f%%  loss grad max %.3g  %.1fs",
-                     epoch, cfg.epochs, metrics["train/error_pct"], metrics["test/error_pct"],
-                     metrics["lipschitz/loss_grad_max"], metrics["time/epoch_s"])
+                     epoch, cfg.epochs, metrics[metric_keys.TRAIN_ERROR], metrics[metric_keys.TEST_ERROR],
+                     metrics[metric_keys.LOSS_GRAD_MAX], metrics[metric_keys.EPOCH_TIME])
 
         final = dict(state.history[-1])
-        best = checkpoint.load(best_path, device)
-        model.load_state_dict(best["model"])
+        model.load_state_dict(folder.load_checkpoint(folder.best_checkpoint, device)["model"])
         model.eval()
-        from tulip.evaluate import evaluate_trained  # imported late: pulls in Foolbox
-
-        final.update(evaluate_trained(cfg, model, data, run_dir, tracker))
+        final.update(evaluate(model, data, folder, tracker))
         summary.update(final)
         summary.update({"status": "finished", "epoch": state.epoch,
-                        "best/test_error_pct": state.best_error, "best/epoch": state.best_epoch})
+                        metric_keys.BEST_TEST_ERROR: state.best_error, metric_keys.BEST_EPOCH: state.best_epoch})
         return final
     except Diverged as diverged:
         log.error("run diverged: %s", diverged)
         summary.update({"status": "diverged", "epoch": diverged.epoch, "step": diverged.step,
                         "error": str(diverged)})
-        final = {"status": "diverged", "test/error_pct": math.nan, "train/loss": math.nan}
+        final = {"status": "diverged", metric_keys.TEST_ERROR: math.nan, metric_keys.TRAIN_LOSS: math.nan}
         return final
     except BaseException as error:
         summary.update({"epoch": state.epoch, "error": f"{type(error).__name__}: {error}"})
         raise
     finally:
         summary["time/total_s"] = time.time() - job_start
-        write_json_atomic(finite_or_none(summary), run_dir / "summary.json")
+        folder.write_summary(summary)
         tracker.finish(summary, failed=summary["status"] != "finished")

@@ -24,7 +24,7 @@ HOST=$(hostname -s)
 cannot() { echo "tests/slurm/start.sh: cannot start SLURM: $*" >&2; exit 77; }
 die() { echo "tests/slurm/start.sh: $*" >&2; exit 1; }
 
-# alive PID: the process exists and is not a zombie (PID 1 here may reap late; NOTES §3).
+# alive PID: the process exists and is not a zombie (PID 1 here may reap late).
 alive() {
     local pid=$1
     [[ -n $pid && -r /proc/$pid/stat ]] || return 1
@@ -106,7 +106,7 @@ if cmp -s "$CONF.new" "$CONF" && alive "$(pid_in "$STATE/slurmctld.pid")" \
 fi
 
 # --- munge ---------------------------------------------------------------------------------------
-# No systemd: /run/munge does not exist and nothing started munged at install (NOTES §3).
+# No systemd: /run/munge does not exist and nothing started munged at install.
 if ! munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1; then
     install -d -o munge -g munge -m 0755 /run/munge
     if [[ ! -s /etc/munge/munge.key ]]; then

@@ -14,7 +14,7 @@ SLURM_ONLY=0
 [[ -d $STATE ]] || exit 0
 export SLURM_CONF=$STATE/slurm.conf
 
-# alive PID: exists and is not a zombie (PID 1 may reap late, NOTES §3).
+# alive PID: exists and is not a zombie (PID 1 may reap late).
 alive() {
     [[ -r /proc/$1/stat ]] && [[ $(cut -d' ' -f3 "/proc/$1/stat" 2>/dev/null) != Z ]]
 }

@@ -12,7 +12,7 @@ answers: see tests/slurm/start.sh), and reads each job's summary.json:
   and the job's own data loading, model building and W&B start ("setup": `time/job_start` to
   `time/first_step`).
 
-Speed is never asserted; the target of issue 5 is <= 10 s overhead per job.
+Speed is never asserted here; the goal is <= 10 s overhead per job.
 """
 import argparse
 import heapq

@@ -1,0 +1,267 @@
+"""The final evaluation of a trained model: attacks, bounds and nearest neighbours.
+
+``build_evaluation(cfg)`` checks ``attack.*`` and ``eval.*`` and builds the attacks once, before
+training starts (a typo fails in the first second, not after hours of training). The ``Evaluation`` it
+returns is handed to training, which calls it on the best checkpoint, and to ``mode=evaluate``:
+
+    evaluation(model, data, folder, tracker) -> {"attack/...", "bounds/...", "nn/...": float}
+
+It evaluates the first ``attack.n`` test images (all when null):
+
+- every attack of ``attack.methods`` (the ``attack=[ddn,pgd_l2]`` group) and the per-image best over
+  them; per-image distances go to attacks.csv. Distances are 0 for an image the model already
+  misclassifies and +inf where an attack failed; medians are over all evaluated images (so +inf when
+  more than half survive every attack), means over the finite distances, and the robust error at ε is
+  the % of images at distance ≤ ε, for every ε of ``attack.epsilons.<norm>``;
+- with ``eval.bounds`` (default on) the lower bounds of tulip.bounds on the same images (bounds.csv);
+- with ``eval.nn`` the nearest differently-labelled training image of every test image (nn.csv).
+"""
+import logging
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, ListConfig
+
+from tulip import bounds, metric_keys, neighbours
+from tulip.config import ConfigError
+from tulip.data import Data
+from tulip.measures import layer_norm_product
+from tulip.metric_keys import NORMS
+from tulip.perturbations import frozen_eval
+from tulip.run_folder import RunFolder
+
+log = logging.getLogger(__name__)
+
+
+class Attack(Protocol):
+    """What the evaluation needs of an attack (tulip.attacks builds them from conf/attack/*.yaml)."""
+    norm: str  # "l2" or "linf": the norm it minimises or is budgeted in
+
+    def distances(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, epsilons: list[float],
+                  batch_size: int) -> dict[str, torch.Tensor]:
+        """{"l2": (N,), "linf": (N,)}: 0 already misclassified, the adversarial's norm, +inf failed."""
+
+
+class Tracker(Protocol):
+    def log_table(self, key: str, columns: list[str], rows: list[list],
+                  line: tuple[str, str, str] | None = None) -> None: ...
+
+
+@dataclass(frozen=True)
+class AttackSettings:
+    """The settings every attack shares (``attack.n``, ``attack.batch_size``, ``attack.epsilons``)."""
+    n: int | None  # the first n test images; None: all
+    batch_size: int  # images per attack call
+    epsilons: dict[str, list[float]]  # norm -> budgets of the robust-error curve
+
+
+def _is_positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _check_bool(cfg: DictConfig, key: str) -> bool:
+    value = cfg.eval[key]
+    if not isinstance(value, bool):
+        raise ConfigError(f"eval.{key}={value!r} is invalid: expected true or false")
+    return value
+
+
+def _attack_settings(spec: DictConfig) -> AttackSettings:
+    if not (spec.n is None or _is_positive_int(spec.n)):
+        raise ConfigError(f"attack.n={spec.n!r} is invalid: expected an integer >= 1 or null (all)")
+    if not _is_positive_int(spec.batch_size):
+        raise ConfigError(f"attack.batch_size={spec.batch_size!r} is invalid: expected an integer >= 1")
+    epsilons = {}
+    for norm in NORMS:
+        eps = spec.epsilons.get(norm)
+        if not (isinstance(eps, ListConfig) and len(eps) > 0
+                and all(isinstance(e, (int, float)) and not isinstance(e, bool) and e >= 0 for e in eps)):
+            raise ConfigError(f"attack.epsilons.{norm}={eps!r} is invalid: expected a non-empty list "
+                              f"of numbers >= 0")
+        epsilons[norm] = [float(e) for e in eps]
+    return AttackSettings(spec.n, spec.batch_size, epsilons)
+
+
+def _build_attacks(methods: DictConfig) -> dict[str, Attack]:
+    attacks = {}
+    for name, node in methods.items():
+        if not isinstance(node, DictConfig) or "_target_" not in node:
+            raise ConfigError(f"attack.methods.{name}={node!r} is invalid: expected an attack config "
+                              f"(an option of conf/attack/, e.g. attack=ddn)")
+        try:
+            attacks[name] = instantiate(node)
+        except Exception as error:  # Hydra wraps the TypeError of a misspelt parameter
+            raise ConfigError(f"attack.methods.{name} is invalid: {error}") from error
+    return attacks
+
+
+# --- distances to metrics ----------------------------------------------------------------------------
+
+def distance_metrics(name: str, distances: dict[str, torch.Tensor],
+                     epsilons: dict[str, list[float]]) -> dict[str, float]:
+    """median/mean/failures/robust-error metrics of an attack's per-image distances {norm: (n,)}."""
+    metrics = {}
+    for norm, d in distances.items():
+        # An attack's failures are the same images in every norm (no adversarial at all).
+        metrics[metric_keys.attack_failures(name)] = float(d.isinf().sum())
+        finite = d[d.isfinite()].double()
+        metrics[metric_keys.attack_median(name, norm)] = d.median().item()
+        metrics[metric_keys.attack_mean(name, norm)] = finite.mean().item() if len(finite) else float("nan")
+        for eps in epsilons[norm]:
+            metrics[metric_keys.robust_error(name, norm, eps)] = 100.0 * (d <= eps).double().mean().item()
+    return metrics
+
+
+def error_curve(radii: torch.Tensor, epsilons: list[float]) -> list[list[float]]:
+    """Rows [eps, % of images with radius ≤ eps] of a robust- or certified-error curve."""
+    return [[eps, 100.0 * (radii <= eps).double().mean().item()] for eps in epsilons]
+
+
+def _log_curve(tracker: Tracker | None, key: str, norm: str, rows: list[list[float]]) -> None:
+    if tracker is not None:
+        tracker.log_table(key, ["epsilon", "error_pct"], rows, line=("epsilon", "error_pct", f"{key} ({norm})"))
+
+
+@torch.no_grad()
+def _predict(model: torch.nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    return torch.cat([model(x[i:i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)]).cpu()
+
+
+# --- the three evaluations ---------------------------------------------------------------------------
+
+def evaluate_attacks(attacks: dict[str, Attack], model, x: torch.Tensor, y: torch.Tensor,
+                     settings: AttackSettings, folder: RunFolder, tracker: Tracker | None,
+                     columns: dict[str, list]) -> dict[str, float]:
+    """Every attack and the per-image best over them on images x, y; writes attacks.csv."""
+    columns = dict(columns)
+    prediction = torch.tensor(columns["prediction"])
+    metrics = {metric_keys.ATTACKED_IMAGES: float(len(y)),
+               metric_keys.ATTACKED_CLEAN_ERROR: 100.0 * (prediction != y.cpu()).double().mean().item()}
+    best = {norm: torch.full((len(y),), torch.inf) for norm in NORMS}
+    for name, attack in attacks.items():
+        started = time.perf_counter()
+        distances = attack.distances(model, x, y, settings.epsilons[attack.norm], settings.batch_size)
+        elapsed = time.perf_counter() - started
+        for norm in NORMS:
+            columns[f"{name}_{norm}"] = distances[norm].tolist()
+            best[norm] = torch.minimum(best[norm], distances[norm])
+        metrics.update(distance_metrics(name, {attack.norm: distances[attack.norm]}, settings.epsilons))
+        metrics[metric_keys.attack_time(name)] = elapsed
+        _log_curve(tracker, f"attack/{name}/robust_error", attack.norm,
+                   error_curve(distances[attack.norm], settings.epsilons[attack.norm]))
+        log.info("attack %s (%s): median %.4g, %d failures, %.1fs", name, attack.norm,
+                 metrics[metric_keys.attack_median(name, attack.norm)],
+                 metrics[metric_keys.attack_failures(name)], elapsed)
+    # The best over all attacks, in every norm some attack works in (each adversarial counts in both).
+    attacked_norms = [norm for norm in NORMS if any(attack.norm == norm for attack in attacks.values())]
+    metrics.update(distance_metrics(metric_keys.BEST_ATTACK, {norm: best[norm] for norm in attacked_norms},
+                                    settings.epsilons))
+    for norm in NORMS:
+        columns[f"{metric_keys.BEST_ATTACK}_{norm}"] = best[norm].tolist()
+    for norm in attacked_norms:
+        _log_curve(tracker, f"attack/best/robust_error_{norm}", norm,
+                   error_curve(best[norm], settings.epsilons[norm]))
+    folder.write_csv("attacks", columns)
+    return metrics
+
+
+def evaluate_bounds(model, x: torch.Tensor, y: torch.Tensor, batch_size: int,
+                    epsilons_l2: list[float]) -> tuple[dict[str, float], dict[str, list]]:
+    """First-order and (smooth models) second-order estimates and the certificate, per image:
+    (metrics, per-image columns)."""
+    grads = bounds.loss_gradients(model, x, y, batch_size)
+    first = bounds.first_order_radii(grads.loss, grads.grad_norm)
+    lipschitz = layer_norm_product(model)
+    certified = bounds.certified_radii(grads.margin, lipschitz)
+    metrics = {metric_keys.BOUNDS_GRAD_NORM_MAX: grads.grad_norm.max().item(),
+               metric_keys.BOUNDS_FIRST_ORDER_MEDIAN: first.median().item(),
+               metric_keys.BOUNDS_CERTIFIED_MEDIAN: certified.median().item(),
+               metric_keys.BOUNDS_LIPSCHITZ_UPPER: float(lipschitz)}
+    # Certified at eps iff the radius exceeds eps; misclassified images (radius 0) always count.
+    metrics.update({metric_keys.certified_error(eps): error for eps, error in error_curve(certified, epsilons_l2)})
+    columns = {"first_order_l2": first.tolist(), "certified_l2": certified.tolist()}
+    if bounds.is_smooth(model):
+        curvature = bounds.hessian_norms(model, x, y, batch_size)
+        second = bounds.second_order_radii(grads.loss, grads.grad_norm, curvature.max().item())
+        metrics[metric_keys.BOUNDS_HESSIAN_NORM_MAX] = curvature.max().item()
+        metrics[metric_keys.BOUNDS_SECOND_ORDER_MEDIAN] = second.median().item()
+        columns["second_order_l2"] = second.tolist()
+    else:
+        log.info("bounds: skipping the second-order estimate: the model has piecewise-linear "
+                 "activations (ReLU/max-pool), whose Hessian misses the curvature at the kinks")
+    return metrics, columns
+
+
+def evaluate_neighbours(data: Data, folder: RunFolder) -> dict[str, float]:
+    """Nearest differently-labelled training image of every test image, L2 and L∞; writes nn.csv."""
+    columns = {"index": list(range(len(data.test_y))), "label": data.test_y.tolist()}
+    metrics = {}
+    for norm, nearest in (("l2", neighbours.nearest_l2), ("linf", neighbours.nearest_linf)):
+        started = time.perf_counter()
+        found = nearest(data.test_x, data.test_y, data.train_x, data.train_y)
+        distance = found.distance.cpu()
+        columns[norm] = distance.tolist()
+        columns[f"{norm}_train_index"] = found.index.tolist()
+        metrics.update({metric_keys.neighbours(norm, stat): value
+                        for stat, value in neighbours.summarize(distance).items()})
+        log.info("nearest neighbours (%s): median %.4g, %.1fs", norm,
+                 metrics[metric_keys.neighbours(norm, "median")], time.perf_counter() - started)
+    folder.write_csv("nn", columns)
+    return metrics
+
+
+# --- built once, run on the best checkpoint ---------------------------------------------------------
+
+@dataclass(frozen=True)
+class Evaluation:
+    attacks: dict[str, Attack]  # name -> attack, in the order of the config
+    settings: AttackSettings
+    bounds: bool  # eval.bounds
+    neighbours: bool  # eval.nn
+
+    @property
+    def families(self) -> tuple[str, ...]:
+        """The metric families this evaluation writes (mode=evaluate replaces exactly these)."""
+        return ((metric_keys.ATTACK_PREFIX,) if self.attacks else ()) + \
+            ((metric_keys.BOUNDS_PREFIX,) if self.bounds else ()) + \
+            ((metric_keys.NN_PREFIX,) if self.neighbours else ())
+
+    def __call__(self, model: torch.nn.Module, data: Data, folder: RunFolder,
+                 tracker: Tracker | None = None) -> dict[str, float]:
+        """Evaluate `model` (its mode and requires_grad are restored afterwards); {} if nothing is on."""
+        metrics: dict[str, float] = {}
+        n = len(data.test_y) if self.settings.n is None else min(self.settings.n, len(data.test_y))
+        x, y = data.test_x[:n], data.test_y[:n]
+        with frozen_eval(model):
+            if self.attacks or self.bounds:
+                images = {"index": list(range(n)), "label": y.tolist(),
+                          "prediction": _predict(model, x, self.settings.batch_size).tolist()}
+            if self.attacks:
+                metrics.update(evaluate_attacks(self.attacks, model, x, y, self.settings, folder, tracker, images))
+            if self.bounds:
+                found, columns = evaluate_bounds(model, x, y, self.settings.batch_size, self.settings.epsilons["l2"])
+                metrics.update(found)
+                folder.write_csv("bounds", {**images, **columns})
+                _log_curve(tracker, "bounds/certified_error", "l2",
+                           error_curve(torch.tensor(columns["certified_l2"]), self.settings.epsilons["l2"]))
+            if self.neighbours:
+                metrics.update(evaluate_neighbours(data, folder))
+        return metrics
+
+
+def build_evaluation(cfg: DictConfig) -> Evaluation:
+    """Check ``attack.*`` and ``eval.*`` and build the attacks; raises ConfigError naming the key.
+
+    Cheap (no data, no model): called before training.
+    """
+    shared = {"n", "batch_size", "epsilons", "methods"}
+    unknown = sorted(set(cfg.attack) - shared)
+    if unknown:
+        raise ConfigError(f"attack.{unknown[0]} is not an attack setting: expected one of "
+                          f"attack.{{{','.join(sorted(shared))}}} (attacks themselves are chosen with "
+                          f"attack=<option> and set with attack.methods.<name>.<param>)")
+    return Evaluation(attacks=_build_attacks(cfg.attack.methods), settings=_attack_settings(cfg.attack),
+                      bounds=_check_bool(cfg, "bounds"), neighbours=_check_bool(cfg, "nn"))

@@ -1,0 +1,150 @@
+"""Every metric key Tulip writes, in one place: producers format keys here, readers parse them here.
+
+The keys are the names of the per-epoch rows of metrics.jsonl, of summary.json and of the W&B run:
+
+    epoch, lr                               the epoch (W&B's x-axis) and the learning rate it trained with
+    train/loss, train/error_pct             training-set averages of the epoch
+    train/penalty_<name>                    each active penalty's term in the loss (its epoch average)
+    test/error_pct, test/loss               on the whole test set
+    lipschitz/loss_grad_max, _mean          max / mean over test images of ‖∇ₓ loss_i‖₂
+    lipschitz/jacobian_2inf                 max over test images of max_c ‖∇ₓ f_c(x)‖₂
+    weights/product_2inf, _spectral         largest row norm / spectral norm of the linearized network
+    weights/layer_norm_product              product of the layers' operator norms (L2 Lipschitz bound)
+    model/tanh_scale                        the bounded head's t (model.tanh=true only)
+    time/epoch_s                            wall time of the epoch, measurements included
+    best/test_error_pct, best/epoch         the best epoch (summary.json only)
+    attack/<name>/median_<norm>, mean_<norm>, failures, time_s, error_pct_<norm>@<eps>
+    attack/best/...                         the per-image best over all attacks, in every attacked norm
+    attack/n, attack/clean_error_pct        how many test images the evaluation used, and their error
+    bounds/<stat>, bounds/certified_error_pct@<eps>
+    nn/<norm>_<stat>                        nearest differently-labelled training image
+    summary/<stat>                          mode=summary's statistics of the best checkpoint
+
+A robust-error key ``…error_pct…@<eps>`` holds the % of evaluated images whose distance (adversarial, or
+certified radius) is ≤ eps; eps is written with ``%g`` (0.5, 1, 0.0313725).
+"""
+import re
+from typing import NamedTuple
+
+NORMS = ("l2", "linf")  # the perturbation norms attacks minimise or are budgeted in
+
+EPOCH = "epoch"
+LR = "lr"
+TRAIN_LOSS = "train/loss"
+TRAIN_ERROR = "train/error_pct"
+TEST_ERROR = "test/error_pct"
+TEST_LOSS = "test/loss"
+LOSS_GRAD_MAX = "lipschitz/loss_grad_max"
+LOSS_GRAD_MEAN = "lipschitz/loss_grad_mean"
+JACOBIAN_2INF = "lipschitz/jacobian_2inf"
+PRODUCT_2INF = "weights/product_2inf"
+PRODUCT_SPECTRAL = "weights/product_spectral"
+LAYER_NORM_PRODUCT = "weights/layer_norm_product"
+TANH_SCALE = "model/tanh_scale"
+EPOCH_TIME = "time/epoch_s"
+BEST_TEST_ERROR = "best/test_error_pct"
+BEST_EPOCH = "best/epoch"
+
+# Families logged once per epoch (W&B plots them against `epoch`).
+EPOCH_PREFIXES = ("train/", "test/", "lipschitz/", "weights/", "model/", "time/")
+# Families of the final evaluation; mode=evaluate replaces a family it recomputes.
+ATTACK_PREFIX, BOUNDS_PREFIX, NN_PREFIX = "attack/", "bounds/", "nn/"
+
+ATTACKED_IMAGES = "attack/n"
+ATTACKED_CLEAN_ERROR = "attack/clean_error_pct"
+BEST_ATTACK = "best"  # the attack name of the per-image best over all attacks
+
+BOUNDS_GRAD_NORM_MAX = "bounds/grad_norm_max"
+BOUNDS_FIRST_ORDER_MEDIAN = "bounds/first_order_median"
+BOUNDS_SECOND_ORDER_MEDIAN = "bounds/second_order_median"
+BOUNDS_HESSIAN_NORM_MAX = "bounds/hessian_norm_max"
+BOUNDS_CERTIFIED_MEDIAN = "bounds/certified_median"
+BOUNDS_LIPSCHITZ_UPPER = "bounds/lipschitz_upper"
+CERTIFIED_ERROR_STEM = "bounds/certified_error_pct"
+
+
+def penalty(name: str) -> str:
+    """A penalty's term in the training loss: ``train/penalty_<name>``."""
+    return f"train/penalty_{name}"
+
+
+def eps_text(eps: float) -> str:
+    return f"{float(eps):g}"
+
+
+def attack(name: str, stat: str) -> str:
+    """``attack/<name>/<stat>``, e.g. attack("ddn", "time_s"); ``*`` works as a glob."""
+    return f"attack/{name}/{stat}"
+
+
+def attack_median(name: str, norm: str) -> str:
+    return attack(name, f"median_{norm}")
+
+
+def attack_mean(name: str, norm: str) -> str:
+    return attack(name, f"mean_{norm}")
+
+
+def attack_failures(name: str) -> str:
+    return attack(name, "failures")
+
+
+def attack_time(name: str) -> str:
+    return attack(name, "time_s")
+
+
+def robust_error_stem(name: str, norm: str) -> str:
+    """The key of a robust-error curve without its ``@<eps>``: ``attack/<name>/error_pct_<norm>``."""
+    return attack(name, f"error_pct_{norm}")
+
+
+def robust_error(name: str, norm: str, eps: float) -> str:
+    """% of images an attack fooled within eps: ``attack/<name>/error_pct_<norm>@<eps>``."""
+    return f"{robust_error_stem(name, norm)}@{eps_text(eps)}"
+
+
+def certified_error(eps: float) -> str:
+    """% of images not certified at L2 radius eps (misclassified included): ``bounds/certified_error_pct@<eps>``."""
+    return f"{CERTIFIED_ERROR_STEM}@{eps_text(eps)}"
+
+
+def neighbours(norm: str, stat: str) -> str:
+    return f"nn/{norm}_{stat}"
+
+
+def summary(stat: str) -> str:
+    return f"summary/{stat}"
+
+
+# Globs for the report's default columns and plots.
+ROBUST_ERROR_GLOBS = (attack("*", "error_pct*@*"), f"{CERTIFIED_ERROR_STEM}@*")
+
+
+class RobustErrorKey(NamedTuple):
+    attack: str  # the attack's name, "best", or "certified" for the certificate
+    norm: str  # "l2", "linf", or "" for a key written without its norm
+    eps: str  # as written in the key
+    stem: str  # the key without "@<eps>"
+
+    @property
+    def eps_value(self) -> float:
+        try:
+            return float(self.eps)
+        except ValueError:
+            return float("inf")
+
+
+# attack/<name>/error_pct_<norm>@<eps> (older runs: without _<norm>) and bounds/certified_error_pct@<eps>.
+_ROBUST_ERROR = re.compile(r"^(?:attack/(?P<attack>[^/]+)/|bounds/certified_)"
+                           r"error_pct(?:_(?P<norm>[a-z0-9]+))?@(?P<eps>.+)$")
+
+
+def parse_robust_error(key: str) -> RobustErrorKey | None:
+    """The parts of a robust-error or certified-error key, None for any other key."""
+    match = _ROBUST_ERROR.match(key)
+    if match is None:
+        return None
+    certified = match["attack"] is None
+    return RobustErrorKey(attack="certified" if certified else match["attack"],
+                          norm="l2" if certified else (match["norm"] or ""),
+                          eps=match["eps"], stem=key.split("@")[0])

@@ -1,0 +1,6 @@
+"""`python -m tulip.report ...`: the same as `tulip-report ...`."""
+import sys
+
+from tulip.report.cli import main
+
+sys.exit(main())
