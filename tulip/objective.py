@@ -199,4 +199,5 @@ def build_objective(reg: DictConfig) -> Objective:
     if unused:
         raise ValueError(f"{', '.join(unused)}: no part of the objective reads "
                          f"{'this key' if len(unused) == 1 else 'these keys'} (reg.batches / reg.penalties)")
-    return Objective(*({name: part for name, (part, _) in built[group].items()} for group in PART_GROUPS))
+    parts = {group: {name: part for name, (part, _) in built[group].items()} for group in PART_GROUPS}
+    return Objective(parts["batches"], parts["penalties"])

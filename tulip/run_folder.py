@@ -67,13 +67,9 @@ class RunFolder:
     def __post_init__(self):
         object.__setattr__(self, "path", Path(self.path))
 
-    @property
-    def last_checkpoint(self) -> Path:
-        return self.path / "checkpoints" / "last.pt"
-
-    @property
-    def best_checkpoint(self) -> Path:
-        return self.path / "checkpoints" / "best.pt"
+    def checkpoint(self, which: str) -> Path:
+        """checkpoints/last.pt (which="last") or checkpoints/best.pt (which="best")."""
+        return self.path / "checkpoints" / f"{which}.pt"
 
     @property
     def metrics_file(self) -> Path:
@@ -92,11 +88,11 @@ class RunFolder:
 
     # --- checkpoints --------------------------------------------------------------------------------
 
-    def save_checkpoint(self, state: dict, path: Path) -> None:
-        replace_atomically(path, lambda f: torch.save(state, f), binary=True)
+    def save_checkpoint(self, state: dict, which: str) -> None:
+        replace_atomically(self.checkpoint(which), lambda f: torch.save(state, f), binary=True)
 
-    @staticmethod
-    def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
+    def load_checkpoint(self, which: str, device: torch.device | str = "cpu") -> dict:
+        path = self.checkpoint(which)
         if not path.is_file():
             raise FileNotFoundError(f"no checkpoint at {path}")
         try:
@@ -182,12 +178,12 @@ class LoadedRun:
 def load_run(path: Path | str, device: torch.device, which: str = "best") -> LoadedRun:
     """Rebuild a finished (or running) run's data and model from its checkpoint, for evaluation."""
     folder = RunFolder(path)
-    checkpoint_path = folder.best_checkpoint if which == "best" else folder.last_checkpoint
+    checkpoint_path = folder.checkpoint(which)
     if not checkpoint_path.is_file():
         raise FileNotFoundError(f"run_dir={path}: no checkpoint {checkpoint_path.name} in "
                                 f"{checkpoint_path.parent} (is this a Tulip run folder that trained at "
                                 f"least one epoch?)")
-    state = folder.load_checkpoint(checkpoint_path, device)
+    state = folder.load_checkpoint(which, device)
     cfg = OmegaConf.create(state["config"])
     data = load_dataset(cfg.dataset, device)
     model = build_model(cfg, data, device)

@@ -127,8 +127,8 @@ def train(cfg: DictConfig, folder: RunFolder, context: RunContext, evaluate: Fin
 
     folder.path.mkdir(parents=True, exist_ok=True)
     state = TrainState()
-    if folder.last_checkpoint.exists():
-        saved = folder.load_checkpoint(folder.last_checkpoint, device)
+    if folder.checkpoint("last").exists():
+        saved = folder.load_checkpoint("last", device)
         changed = _differing_keys(_training_config(saved["config"]), _training_config(config))
         if changed:
             raise ConfigError(f"{folder.path} holds a checkpoint of a run with a different config "
@@ -168,8 +168,8 @@ def train(cfg: DictConfig, folder: RunFolder, context: RunContext, evaluate: Fin
                      "config": config, "best_error": state.best_error,
                      "best_epoch": state.best_epoch, "history": state.history}
             if state.best_epoch == epoch:
-                folder.save_checkpoint(saved, folder.best_checkpoint)
-            folder.save_checkpoint(saved, folder.last_checkpoint)
+                folder.save_checkpoint(saved, "best")
+            folder.save_checkpoint(saved, "last")
             folder.append_metrics(metrics)
             tracker.log(metrics)
             log.info("epoch %d/%d  train err %.2f%%  test err %.2f%%  loss grad max %.3g  %.1fs",
@@ -177,7 +177,7 @@ def train(cfg: DictConfig, folder: RunFolder, context: RunContext, evaluate: Fin
                      metrics[metric_keys.LOSS_GRAD_MAX], metrics[metric_keys.EPOCH_TIME])
 
         final = dict(state.history[-1])
-        model.load_state_dict(folder.load_checkpoint(folder.best_checkpoint, device)["model"])
+        model.load_state_dict(folder.load_checkpoint("best", device)["model"])
         model.eval()
         final.update(evaluate(model, data, folder, tracker))
         summary.update(final)
