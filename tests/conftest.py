@@ -51,6 +51,7 @@ def compose_config(*overrides: str, tiny: bool = True) -> DictConfig:
 SHRINK = {
     "mlp": ["model.hidden=[32,16]"],
     "cnn_small": ["model.channels=[4,8]", "model.hidden=16"],
+    "cnn_4c3f": ["model.channels=[4,8]", "model.hidden=16"],
     "allcnn": ["model.channels=[4,8]"],
     "resnet18": ["model.width=4", "model.blocks=[1,1,1,1]"],
     "wide_resnet": ["model.depth=10", "model.width=1"],

@@ -7,7 +7,7 @@ from hydra.errors import InstantiationException
 from conftest import CONF_DIR, SHRINK, build_model_option, compose_config
 from tulip.models import Classifier, Nonlinearity, linearized
 
-MODELS = ["mlp", "cnn_small", "allcnn", "resnet18", "wide_resnet", "resnext34_2x32"]
+MODELS = ["mlp", "cnn_small", "cnn_4c3f", "allcnn", "resnet18", "wide_resnet", "resnext34_2x32"]
 SHAPES = {"mnist5k": (1, 28, 28, 10), "cifar": (3, 32, 32, 10)}
 
 
@@ -69,6 +69,10 @@ def test_full_size_parameter_counts():
     linears = [m for m in resnext.modules() if isinstance(m, torch.nn.Linear)]
     assert len(convs) + len(linears) == 34
     assert sum(c.groups == 2 for c in convs) == 15
+    # GloRo's 4C3F on MNIST ('same' padding, no BatchNorm): 4 convs, 3 dense layers
+    four_c_three_f = build("cnn_4c3f")
+    assert count(four_c_three_f) == 1_974_762
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in four_c_three_f.modules())
 
 
 def test_bad_hyperparameters_name_the_key():

@@ -235,6 +235,32 @@ class CNNSmall(Classifier):
         super().__init__(layers, in_channels, num_classes, image_size, tanh)
 
 
+class CNN4C3F(Classifier):
+    """GloRo's 4C3F (Leino, Wang & Fredrikson, ICML 2021, arXiv 2102.08452), without BatchNorm, whose
+    division by running statistics inflates Lipschitz bounds: for certification and certified training.
+
+    3x3 conv c1 -> 4x4 conv c1, stride 2 -> 3x3 conv c2 -> 4x4 conv c2, stride 2 (each + ReLU; 'same'
+    padding: 28 -> 14 -> 7) -> flatten -> [Linear(hidden) -> ReLU] x 2 -> Linear. Defaults c = (32, 64),
+    hidden 512.
+    """
+
+    def __init__(self, in_channels, num_classes, image_size, tanh=False, channels=(32, 64), hidden=512):
+        c1, c2 = _positive_ints("channels", channels)
+        (hidden,) = _positive_ints("hidden", hidden)
+        layers, size, width = OrderedDict(), image_size, in_channels
+        for i, (out, kernel_size, stride) in enumerate([(c1, 3, 1), (c1, 4, 2), (c2, 3, 1), (c2, 4, 2)]):
+            padding = 1  # 'same' for 3x3 stride 1, and halves the size for 4x4 stride 2
+            layers[f"conv{i}"] = ConvBN(width, out, kernel_size, stride, padding, batch_norm=False)
+            layers[f"act{i}"] = ReLU()
+            size, width = _conv_out(size, kernel_size, stride, padding), out
+        layers["flatten"] = nn.Flatten()
+        width *= size * size
+        for i in range(2):
+            layers[f"dense{i}"], layers[f"act_dense{i}"], width = nn.Linear(width, hidden), ReLU(), hidden
+        layers["classifier"] = nn.Linear(width, num_classes)
+        super().__init__(layers, in_channels, num_classes, image_size, tanh)
+
+
 class AllCNN(Classifier):
     """All-CNN-C (Springenberg et al. 2015, arXiv 1412.6806), with BatchNorm after every conv.
 

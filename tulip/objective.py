@@ -90,12 +90,27 @@ class TrainingBatch:
 
 class Part:
     """A part of an objective. ``switch`` names the argument (a multiplier, ε or β) that turns it on
-    when > 0, so that every part is in the config and a multiplier of 0 is off."""
+    when > 0, so that every part is in the config and a multiplier of 0 is off.
+
+    A part that depends on the model's structure checks it in ``prepare(model)``, called once before
+    training (raise ArgumentError naming the switch for a model it cannot work with). A part that keeps
+    state across steps returns it from ``state_dict()`` (tensors and plain data: it goes into the
+    checkpoint, so that a resumed run continues exactly) and takes it back in ``load_state_dict``.
+    """
     switch: str
 
     @property
     def active(self) -> bool:
         return getattr(self, self.switch) > 0
+
+    def prepare(self, model: Model) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
 
 class BatchChoice(Part):
@@ -131,9 +146,20 @@ class Objective:
         if len(chosen) > 1:
             raise ValueError(f"at most one training batch may be chosen; got {', '.join(chosen)}")
         self.batch = batches[chosen[0]] if chosen else None
+        # The active parts by their place in the config, for the checkpoint's "objective" entry
+        self.parts = {**{f"batches.{name}": batches[name] for name in chosen},
+                      **{f"penalties.{name}": part for name, part in penalties.items() if part.active}}
         self.penalties = [(penalty_key(name), part) for name, part in penalties.items() if part.active]
         self.needs_input_grad = any(part.needs_input_grad for _, part in self.penalties)
         self.double_backprop = any(part.needs_graph for _, part in self.penalties)
+
+    def state_dict(self) -> dict:
+        return {name: state for name, part in self.parts.items() if (state := part.state_dict())}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, part in self.parts.items():
+            if name in state:
+                part.load_state_dict(state[name])
 
     def __call__(self, model: Model, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
         x_train, x_adv = self.batch(model, x, y) if self.batch is not None else (x, None)
@@ -169,22 +195,33 @@ def _leaf_keys(node: DictConfig, prefix: str) -> list[str]:
     return keys
 
 
-def _build_part(node: DictConfig, path: str) -> tuple[Part, str]:
-    """The part and the config key of its switch (for messages)."""
-    sources = _source_keys(node)
+def _reported(call, node: DictConfig, path: str):
+    """call(); an ArgumentError becomes a ValueError naming the config key the argument came from."""
     try:
-        part = instantiate(node, _partial_=True)()  # a partial: the part's own exception, unwrapped
+        return call()
     except ArgumentError as error:
-        key = sources.get(error.argument, f"{path}.{error.argument}")
+        key = _source_keys(node).get(error.argument, f"{path}.{error.argument}")
         raise ValueError(f"{key}={error.value!r} is invalid: expected {error.expected}") from None
     except TypeError as error:  # a misspelt or missing argument
         raise ValueError(f"{path} is invalid: {error}") from None
-    return part, sources.get(part.switch, f"{path}.{part.switch}")
 
 
-def build_objective(reg: DictConfig) -> Objective:
-    """The objective of ``cfg.reg``; raises ValueError naming the reg.* key of a bad value."""
-    built = {group: {name: _build_part(node, f"reg.{group}.{name}") for name, node in reg[group].items()}
+def _build_part(node: DictConfig, path: str, model: Model | None) -> tuple[Part, str]:
+    """The part (prepared for `model`, when given and the part is on) and the config key of its switch."""
+    # a partial, so the part's own exception arrives unwrapped by Hydra
+    part = _reported(lambda: instantiate(node, _partial_=True)(), node, path)
+    if model is not None and part.active:
+        _reported(lambda: part.prepare(model), node, path)
+    return part, _source_keys(node).get(part.switch, f"{path}.{part.switch}")
+
+
+def build_objective(reg: DictConfig, model: Model | None = None) -> Objective:
+    """The objective of ``cfg.reg``; raises ValueError naming the reg.* key of a bad value.
+
+    With `model`, every active part checks the model's structure now, before training (without it,
+    parts that need the model prepare themselves on their first step).
+    """
+    built = {group: {name: _build_part(node, f"reg.{group}.{name}", model) for name, node in reg[group].items()}
              for group in PART_GROUPS}
     chosen = [key for part, key in built["batches"].values() if part.active]
     if len(chosen) > 1:

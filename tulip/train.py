@@ -120,7 +120,7 @@ def train(cfg: DictConfig, folder: RunFolder, context: RunContext, evaluate: Fin
         raise ConfigError(f"batch_size={cfg.batch_size} is invalid: the training set has only "
                           f"{len(data.train_y)} images")
     model = build_model(cfg, data, device)
-    objective = build_objective(cfg.reg)  # its ValueError names the reg.* key
+    objective = build_objective(cfg.reg, model)  # its ValueError names the reg.* key
     optimizer = _build(cfg.optim, "optim", model.parameters())
     scheduler = _build(cfg.scheduler, "scheduler", optimizer)
     config = OmegaConf.to_container(cfg, resolve=True)
@@ -137,6 +137,7 @@ def train(cfg: DictConfig, folder: RunFolder, context: RunContext, evaluate: Fin
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
+        objective.load_state_dict(saved["objective"])
         set_rng_state(saved["rng"])
         state = TrainState(saved["epoch"], saved["best_error"], saved["best_epoch"], list(saved["history"]))
         log.info("resuming %s from epoch %d", folder.path, state.epoch)
@@ -164,7 +165,8 @@ def train(cfg: DictConfig, folder: RunFolder, context: RunContext, evaluate: Fin
             if metrics[metric_keys.TEST_ERROR] < state.best_error:
                 state.best_error, state.best_epoch = metrics[metric_keys.TEST_ERROR], epoch
             saved = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "epoch": epoch, "rng": rng_state(),
+                     "scheduler": scheduler.state_dict(), "objective": objective.state_dict(),
+                     "epoch": epoch, "rng": rng_state(),
                      "config": config, "best_error": state.best_error,
                      "best_epoch": state.best_epoch, "history": state.history}
             if state.best_epoch == epoch:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
@@ -120,6 +121,41 @@ def _trades(model, x, y, r):
     return F.cross_entropy(logits, y) + t.beta * kl
 
 
+_GLORO_VECTORS = {}  # id(model) -> the power-iteration vectors, kept across steps as GloRo does
+
+
+def _gloro(model, x, y, r, warmup=100):
+    """GloRo's loss (Leino et al. 2021): CE on [f, f_⊥], K₋ a product of power-iteration norms."""
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    (*body, head), steps = layers, 1
+
+    def linear_part(layer, v):
+        if isinstance(layer, nn.Linear):
+            return F.linear(v.flatten(1), layer.weight)
+        return F.conv2d(v, layer.weight, stride=layer.stride, padding=layer.padding, groups=layer.groups)
+
+    if id(model) not in _GLORO_VECTORS:  # a seeded start, then `warmup` more iterations
+        generator, h, vectors = torch.Generator(device=x.device).manual_seed(0), x[:1] * 0, []
+        for layer in body:
+            h = h.flatten(1) if isinstance(layer, nn.Linear) else h
+            vectors.append(torch.randn(h.shape, generator=generator, device=x.device, dtype=x.dtype))
+            h = linear_part(layer, h).detach()
+        _GLORO_VECTORS[id(model)], steps = vectors, warmup + 1
+    vectors = _GLORO_VECTORS[id(model)]
+    for i, layer in enumerate(body):
+        v = vectors[i]
+        for _ in range(steps):  # v <- AᵀA v / ‖v‖, the adjoint by autograd
+            z = v.detach().requires_grad_(True)
+            v, = torch.autograd.grad(linear_part(layer, z), z, linear_part(layer, v / v.norm()).detach())
+        vectors[i] = v / v.norm()
+    k = math.prod(linear_part(layer, v).norm() for layer, v in zip(body, vectors))
+    logits = model(x)
+    w, j = head.weight, logits.argmax(1)
+    pairs = ((w[:, None] - w[None]).square().sum(-1) + 1e-12).sqrt()
+    bot = (logits + r.gloro * k * pairs[j]).masked_fill(F.one_hot(j, logits.shape[1]).bool(), -math.inf)
+    return F.cross_entropy(torch.cat([logits, bot.amax(1, keepdim=True)], 1), y)
+
+
 # Each conf/regularizer option's twin is the function named hand_<option> ('+' spelt '_and_'):
 # adding an option needs no table edit here, and an option without a twin is timed without one.
 
@@ -172,6 +208,7 @@ def hand_gradnorm(m, x, y, r):
 
 hand_gradnorm_fd = _gradnorm_fd
 hand_trades = _trades
+hand_gloro = _gloro
 
 
 def hand_written(option: str):
