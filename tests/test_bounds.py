@@ -7,7 +7,7 @@ import torch
 from tulip import attacks, bounds
 from tulip.attacks import attack_distances
 from tulip.data import mnist5k
-from tulip.measures import layer_norm_product
+from tulip.lipschitz import layer_norm_bound
 from tulip.models import MLP, CNNSmall
 from tulip.objective import Objective
 from tulip.train import train_one_epoch
@@ -102,7 +102,7 @@ def test_certificate_is_tight_for_a_two_class_linear_model():
     y = model(x).argmax(1)
     y[:3] = 1 - y[:3]  # three misclassified images: radius 0, distance 0
     margin = bounds.logit_margin(model(x).detach(), y)
-    certified = bounds.certified_radii(margin, layer_norm_product(model))
+    certified = bounds.certified_radii(margin, layer_norm_bound(model))
     exact = margin.clamp_min(0) / (2 * w.norm())
     torch.testing.assert_close(certified, exact, rtol=1e-5, atol=1e-7)
     found = attack_distances(attacks.deepfool_l2(steps=10, overshoot=0.02), model, x, y, [], 64)["l2"]
@@ -115,7 +115,7 @@ def test_certificate_is_tight_for_a_two_class_linear_model():
 def test_no_attack_beats_the_certificate_on_a_trained_model(trained_mlp, digits):
     x, y = digits.test_x[:64], digits.test_y[:64]
     grads = bounds.loss_gradients(trained_mlp, x, y, 64)
-    certified = bounds.certified_radii(grads.margin, layer_norm_product(trained_mlp))
+    certified = bounds.certified_radii(grads.margin, layer_norm_bound(trained_mlp))
     assert (certified > 0).sum() > 40  # most images get a nonzero certificate
     for attack in (attacks.ddn(steps=30), attacks.deepfool_l2(steps=20), attacks.fmn_l2(steps=30),
                    attacks.deepfool_linf(steps=20)):

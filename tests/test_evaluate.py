@@ -42,12 +42,13 @@ def trained(tmp_path_factory):
 
 def test_training_run_reports_every_key(trained):
     run_dir, metrics = trained
-    expected = ["attack/n", "attack/clean_error_pct", "bounds/first_order_median", "bounds/certified_median"]
+    expected = ["attack/n", "attack/clean_error_pct", "bounds/first_order_median", "bounds/certified_median",
+                "cert/median_l2"]
     for name, norm, epsilons in (("ddn", "l2", L2_EPS), ("pgd_l2", "l2", L2_EPS), ("fgsm", "linf", LINF_EPS),
                                  ("best", "l2", L2_EPS), ("best", "linf", LINF_EPS)):
         expected += [f"attack/{name}/median_{norm}", f"attack/{name}/mean_{norm}", f"attack/{name}/failures"]
         expected += [f"attack/{name}/error_pct_{norm}@{eps:g}" for eps in epsilons]
-    expected += [f"bounds/certified_error_pct@{eps:g}" for eps in L2_EPS]
+    expected += [f"cert/error_pct_l2@{eps:g}" for eps in L2_EPS]
     expected += [f"nn/{norm}_{stat}" for norm in ("l2", "linf")
                  for stat in ("mean", "median", "data_lipschitz")]
     missing = [key for key in expected if key not in metrics]
@@ -94,6 +95,23 @@ def test_no_attack_beats_the_certified_radius(trained):
             assert row[f"{name}_l2"] >= row["certified_l2"], (name, row)
 
 
+def test_certificate_metrics_match_the_per_image_columns(trained):
+    """Tightness = median over correctly classified images of best L2 attack / certified radius; the
+    pairwise radius is never below the global one; K is above the largest ratio found."""
+    run_dir, metrics = trained
+    rows = [row for row in read_per_image(run_dir) if row["label"] == row["prediction"]]
+    ratios = torch.tensor([row["best_l2"] / row["certified_l2"] for row in rows])
+    assert metrics["cert/tightness"] == pytest.approx(ratios.median().item(), rel=1e-5)
+    assert metrics["cert/tightness"] >= 1 and metrics["cert/pairwise"] == 1
+    assert all(row["certified_l2"] >= row["certified_global_l2"] * (1 - 1e-6) for row in rows)
+    assert metrics["cert/median_l2"] > metrics["bounds/certified_median"]
+    assert metrics["cert/lipschitz_upper"] >= metrics["lipschitz/empirical_max"] > 0
+    assert metrics["lipschitz/upper_over_lower"] == pytest.approx(
+        metrics["cert/lipschitz_upper"] / metrics["lipschitz/empirical_max"])
+    assert metrics["cert/lipschitz_feature_upper"] < metrics["cert/lipschitz_upper"]
+    assert metrics["cert/lipschitz_upper"] == pytest.approx(metrics["cert/lipschitz_estimate"], rel=0.1)
+
+
 def test_nn_csv(trained):
     run_dir, metrics = trained
     rows = read_csv(run_dir / "nn.csv")
@@ -117,7 +135,7 @@ def test_evaluate_mode_adds_attacks_to_an_existing_run(trained):
     assert after["nn/l2_median"] == before["nn/l2_median"]  # eval.nn=false: nn results kept
     rows = read_per_image(run_dir)
     assert len(rows) == 20 and "deepfool_l2_l2" in rows[0] and "certified_l2" in rows[0]
-    assert after["bounds/certified_median"] == pytest.approx(torch.tensor([r["certified_l2"] for r in rows]).median().item())
+    assert after["cert/median_l2"] == pytest.approx(torch.tensor([r["certified_l2"] for r in rows]).median().item())
 
 
 def test_summary_mode_recomputes_the_original_statistics(trained, capsys):
@@ -172,7 +190,7 @@ def test_nothing_configured_returns_nothing_and_writes_nothing(tmp_path):
 def test_bounds_have_their_own_switch(tmp_path):
     """Without any attack the bounds still run (eval.bounds defaults to on), on the first attack.n images."""
     metrics = run(compose_config("attack.n=30"), tmp_path)
-    assert "bounds/certified_median" in metrics and not any(k.startswith("attack/") for k in metrics)
+    assert "cert/median_l2" in metrics and not any(k.startswith("attack/") for k in metrics)
     assert len(read_csv(tmp_path / "bounds.csv")) == 30 and not (tmp_path / "attacks.csv").exists()
 
 
@@ -191,7 +209,7 @@ def test_tracker_gets_the_robust_error_curves(trained):
     cfg = compose_config("attack=fgsm", "attack.n=10", "attack.epsilons.linf=[0.1,0.3]")
     metrics = build_evaluation(cfg)(loaded.model, loaded.data, RunFolder(run_dir), tracker)
     assert set(tracker.tables) == {"attack/fgsm/robust_error", "attack/best/robust_error_linf",
-                                   "bounds/certified_error"}
+                                   "cert/certified_error"}
     columns, rows, line = tracker.tables["attack/fgsm/robust_error"]
     assert columns == ["epsilon", "error_pct"] and line[:2] == ("epsilon", "error_pct")
     assert rows == [[0.1, metrics["attack/fgsm/error_pct_linf@0.1"]],

@@ -66,10 +66,11 @@ def documented_keys() -> set[str]:
 
 
 def as_pattern(documented: str) -> re.Pattern:
-    """`nn/{l2,linf}_<stat>` -> a regex: {a,b} alternatives, <placeholder> and * wildcards."""
-    parts = re.split(r"(\{[^}]*\}|<[^>]*>|\*)", documented.rstrip(".,"))
+    """`nn/{l2,linf}_<stat>` -> a regex: {a,b} alternatives, <placeholder>, * and ... wildcards."""
+    parts = re.split(r"(\{[^}]*\}|<[^>]*>|\*|\.\.\.)", documented.rstrip(",") if documented.endswith("...")
+                     else documented.rstrip(".,"))
     regex = "".join("(?:" + "|".join(map(re.escape, p[1:-1].split(","))) + ")" if p.startswith("{")
-                    else ".+" if p.startswith("<") or p == "*" else re.escape(p) for p in parts)
+                    else ".+" if p.startswith("<") or p in ("*", "...") else re.escape(p) for p in parts)
     return re.compile(regex + "$")
 
 
@@ -77,7 +78,9 @@ def test_every_documented_metric_key_is_written(tmp_path):
     """README and yaml comments name only keys that a run really writes (here: a smooth model with the
     bounded head, every family of metrics switched on, then mode=summary)."""
     run(compose_config("model=mlp", "model.hidden=[]", "model.tanh=true", "regularizer=[lip,grad_l1]",
-                       "attack=[ddn,fgsm]", "attack.n=20", "attack.methods.ddn.steps=10", "eval.nn=true"), tmp_path)
+                       "attack=[ddn,fgsm,apgd_ce_l2,square_linf]", "attack.n=20", "attack.methods.ddn.steps=10",
+                       "attack.methods.apgd_ce_l2.n_iter=5", "attack.methods.square_linf.n_queries=20",
+                       "eval.nn=true"), tmp_path)
     run(compose_config("mode=summary", f"run_dir={tmp_path}"))
     written = set(json.loads((tmp_path / "summary.json").read_text()))
     written |= {key for line in (tmp_path / "metrics.jsonl").read_text().splitlines() for key in json.loads(line)}
@@ -93,3 +96,4 @@ def test_the_documented_key_patterns_expand_as_meant():
     assert as_pattern("nn/{l2,linf}_{mean,median}").match("nn/linf_median")
     assert as_pattern("attack/<name>/error_pct_<norm>@<eps>").match("attack/ddn/error_pct_l2@0.5")
     assert not as_pattern("attack/<name>/error_pct_<norm>@<eps>").match("attack/ddn/error_pct@0.5")
+    assert as_pattern("attack/best/...").match("attack/best/median_l2")

@@ -8,8 +8,8 @@ from torch import nn
 
 from conftest import SHRINK, build_model_option
 
-from tulip.measures import (POWER_SAFETY, conv_operator_norm, layer_norm_product, measure,
-                            per_sample_loss_grad_norms)
+from tulip.lipschitz import (POWER_SAFETY, conv_norm_estimate, layer_norm_bound, layer_norm_estimate)
+from tulip.measures import measure, per_sample_loss_grad_norms
 from tulip.models import BranchMean, ConvBN, GlobalAvgPool, Residual
 
 
@@ -163,13 +163,13 @@ def test_jacobian_2inf_is_max_row_norm_of_full_jacobian():
 
 @pytest.mark.parametrize("stride,padding,groups,kernel", [(1, 1, 1, 3), (2, 1, 1, 3), (2, 2, 1, 5),
                                                           (1, 1, 2, 3), (2, 0, 1, 1), (1, 0, 1, 3)])
-def test_conv_operator_norm_matches_dense_svd(stride, padding, groups, kernel):
+def test_conv_norm_estimate_matches_dense_svd(stride, padding, groups, kernel):
     torch.manual_seed(stride * 100 + padding * 10 + groups + kernel)
     shape = (4, 9, 9)
     weight = torch.randn(6, 4 // groups, kernel, kernel, dtype=torch.float64)
     exact = torch.linalg.svdvals(dense_matrix(
         lambda v: F.conv2d(v, weight, stride=stride, padding=padding, groups=groups), shape))[0].item()
-    estimate, out_shape = conv_operator_norm(weight, shape, (stride, stride), (padding, padding), groups)
+    estimate, out_shape = conv_norm_estimate(weight, shape, (stride, stride), (padding, padding), groups)
     assert estimate <= exact * (1 + 1e-9)
     assert estimate * POWER_SAFETY >= exact
     assert estimate >= 0.99 * exact
@@ -185,7 +185,8 @@ def test_conv_operator_norm_matches_dense_svd(stride, padding, groups, kernel):
     (BranchMean(2), (6, 3, 3)),
 ], ids=["conv_bn", "linear", "global_avg_pool", "avg_pool", "branch_mean"])
 def test_layer_norms_are_the_operator_norms(layer, shape):
-    """Eval-mode BatchNorm folded into the conv; pools and branch means exact."""
+    """Eval-mode BatchNorm folded into the conv; pools and branch means exact (the power-iteration
+    estimate; tests/test_lipschitz.py checks the guaranteed bound on the same layers)."""
     torch.manual_seed(0)
     layer = layer.double()
     for module in layer.modules():
@@ -197,7 +198,7 @@ def test_layer_norms_are_the_operator_norms(layer, shape):
     with torch.no_grad():
         offset = layer(torch.zeros(1, *shape, dtype=torch.float64))  # BN / bias shift
         exact = torch.linalg.svdvals(dense_matrix(lambda v: layer(v) - offset, shape))[0].item()
-        bound = layer_norm_product(layer, shape)
+        bound = layer_norm_estimate(layer, shape)
     assert exact * (1 - 1e-12) <= bound <= POWER_SAFETY * exact * (1 + 1e-12)
 
 
@@ -205,9 +206,9 @@ def test_residual_bound_is_branch_plus_shortcut_and_unknown_modules_are_refused(
     torch.manual_seed(0)
     block = Residual(nn.Sequential(nn.Flatten(), nn.Linear(8, 8)), nn.Flatten()).double()
     branch = torch.linalg.svdvals(block.branch[1].weight.detach())[0].item()
-    assert layer_norm_product(block, (2, 2, 2)) == pytest.approx(branch + 1)
+    assert layer_norm_bound(block, (2, 2, 2)) == pytest.approx(branch + 1)
     with pytest.raises(TypeError, match="MaxPool2d"):
-        layer_norm_product(nn.Sequential(nn.MaxPool2d(2)), (1, 4, 4))
+        layer_norm_bound(nn.Sequential(nn.MaxPool2d(2)), (1, 4, 4))
 
 
 def top_jacobian_direction(model, x):
@@ -221,7 +222,7 @@ def top_jacobian_direction(model, x):
 @pytest.mark.parametrize("name", list(SHRINK))
 def test_layer_norm_product_bounds_every_model(name, tanh):
     model = trained(name, [f"model.tanh={str(tanh).lower()}"]).eval().double()
-    bound = layer_norm_product(model)
+    bound = layer_norm_bound(model)
     torch.manual_seed(1)
     x = torch.rand(16, 1, 28, 28, dtype=torch.float64)
     with torch.no_grad():

@@ -120,7 +120,7 @@ def test_table_equals_the_runs_summaries(multirun, made):
     header = rows[0].keys()
     for key in ("test/error_pct", "lipschitz/loss_grad_max", "lipschitz/jacobian_2inf",
                 "weights/product_2inf", "weights/product_spectral", "weights/layer_norm_product",
-                "attack/ddn/median_l2", "attack/ddn/error_pct_l2@0.5", "bounds/certified_error_pct@0.5"):
+                "attack/ddn/median_l2", "attack/ddn/error_pct_l2@0.5", "cert/error_pct_l2@0.5"):
         assert key in header and f"{key}_std" in header, key
 
     metrics = [k for k in header if f"{k}_std" in header]
@@ -182,7 +182,7 @@ def test_plots_are_images_of_the_expected_size(made):
     header = read_csv(out / "report.csv")[0].keys()
     # One robust-error panel per attack and norm (ddn, the best over attacks), one for the certificate.
     curves = {k.split("@")[0] for k in header if "error_pct" in k and "@" in k}
-    assert curves == {"attack/ddn/error_pct_l2", "attack/best/error_pct_l2", "bounds/certified_error_pct"}
+    assert curves == {"attack/ddn/error_pct_l2", "attack/best/error_pct_l2", "cert/error_pct_l2"}
     expected = {"multiplier_reg.lip.png": 2, "training_curves.png": 2, "robust_error.png": len(curves)}
     markdown = (out / "report.md").read_text()
     for name, panels in expected.items():
@@ -262,7 +262,7 @@ def test_robust_error_from_attacks_csv(multirun, tmp_path):
     curves = {k: v for k, v in original.items() if "error_pct" in k and "@" in k}
     stripped = {k: v for k, v in original.items() if k not in curves}
     (run / "summary.json").write_text(json.dumps(stripped))
-    assert {"attack/ddn/error_pct_l2@1", "bounds/certified_error_pct@1"} <= curves.keys()
+    assert {"attack/ddn/error_pct_l2@1", "cert/error_pct_l2@1"} <= curves.keys()
     attacks, bounds = read_csv(run / "attacks.csv"), read_csv(run / "bounds.csv")
     assert "certified_l2" in bounds[0] and "certified_l2" not in attacks[0]
 
@@ -288,7 +288,7 @@ def test_robust_error_from_attacks_csv(multirun, tmp_path):
     write_columns(run / "attacks.csv", merged)
     assert report.main([str(run), "--out", str(tmp_path / "none")]) == 0
     header = read_csv(tmp_path / "none" / "report.csv")[0]
-    assert not [k for k in header if k.startswith("bounds/certified_error")]
+    assert not [k for k in header if k.startswith("cert/error_pct")]
 
 
 def test_console_script_is_declared():

@@ -82,7 +82,7 @@ def expand_sweep(name: str) -> tuple[OmegaConf, list[list[str]]]:
     return cfg, BasicSweeper.split_arguments(parsed, max_batch_size=None)[0]
 
 
-@pytest.mark.parametrize("name", ["lagrange_grid", "regularizers", "paper_cifar10"])
+@pytest.mark.parametrize("name", ["lagrange_grid", "regularizers", "paper_cifar10", "certified"])
 def test_every_job_of_every_sweep_file_composes(name):
     cfg, jobs = expand_sweep(name)
     assert cfg.hydra.mode.name == "MULTIRUN"
@@ -108,7 +108,8 @@ def test_lagrange_grid_sweeps_both_multipliers_of_lip_J2():
 
 def test_regularizers_sweep_covers_every_regularizer_times_three_seeds_with_l2_attack():
     cfg, jobs = expand_sweep("regularizers")
-    shipped = {p.stem for p in (CONF / "regularizer").glob("*.yaml") if not p.stem.startswith("_")}
+    # certified training needs a certifiable network: sweeps/certified.yaml compares it (tested below)
+    shipped = {p.stem for p in (CONF / "regularizer").glob("*.yaml") if not p.stem.startswith("_")} - {"gloro"}
     swept = {o.split("=", 1)[1] for job in jobs for o in job if o.startswith("regularizer=")}
     assert swept == shipped, f"missing from the sweep: {shipped - swept}; unknown: {swept - shipped}"
     assert {o for job in jobs for o in job if o.startswith("seed=")} == {"seed=0", "seed=1", "seed=2"}
@@ -218,3 +219,13 @@ def test_a_raising_job_does_not_stop_the_others_and_is_reported(tmp_path):
     assert diverged["status"] == "diverged", diverged
     assert finished["status"] == "finished", finished
     assert "job 0 (failed), job 1 (diverged)" in result.stdout, output_of(result)
+
+
+def test_certified_sweep_compares_gloro_with_the_others_on_one_certifiable_network():
+    cfg, jobs = expand_sweep("certified")
+    choices = cfg.hydra.runtime.choices
+    assert (choices["model"], choices["optim"], choices["attack"]) == ("cnn_4c3f", "adam", "autoattack_l2")
+    swept = {o.split("=", 1)[1] for job in jobs for o in job if o.startswith("regularizer=")}
+    assert swept == {"gloro", "none", "lip", "lip+J2", "pgd_l2", "trades"} and len(jobs) == 18
+    assert list(cfg.attack.epsilons.l2) == [0.3, 1.0, 1.58]  # GloRo's MNIST radii
+    assert cfg.attack.methods.apgd_ce_l2.n_iter == 100  # the standard ensemble

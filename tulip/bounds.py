@@ -10,11 +10,17 @@ For an image x with label y and softmax output p, the successor paper (Finlay & 
   iteration on Hessian-vector products),
   dist ≥ [−‖∇ℓ‖₂ + √(‖∇ℓ‖₂² + 2C(−ℓ)₊)] / C.
   Only meaningful for a smooth network: with ReLUs the Hessian ignores the kinks, so it is skipped.
-- Certificate (Tsuzuku, Sato & Sugiyama, NeurIPS 2018, arXiv 1802.04034): for the logit margin
+- Global certificate (Tsuzuku, Sato & Sugiyama, NeurIPS 2018, arXiv 1802.04034): for the logit margin
   m(x) = f_y − max_{j≠y} f_j and logits that are K-Lipschitz in L2, no perturbation with
-  ‖δ‖₂ < m(x) / (√2·K) changes the prediction. K = ``tulip.measures.layer_norm_product(model)``.
+  ‖δ‖₂ < m(x) / (√2·K) changes the prediction (f_y − f_j is √2·K-Lipschitz).
+  K = ``tulip.lipschitz.layer_norm_bound(model)``, a bound by theorem.
+- Pairwise certificate (GloRo, Leino, Wang & Fredrikson, ICML 2021, arXiv 2102.08452): for logits
+  f_j = w_j·φ(x) + b_j with φ K₋-Lipschitz, f_y − f_j is K₋·‖w_y − w_j‖₂-Lipschitz, so no perturbation
+  with ‖δ‖₂ < min_{j≠y} (f_y − f_j) / (K₋·‖w_y − w_j‖₂) changes the prediction. Since
+  ‖w_y − w_j‖₂ ≤ √2·‖W‖₂ and K ≥ K₋·‖W‖₂, it is never below the global radius.
 
-L and C are empirical maxima, so the first two are estimates; only the certificate is a guarantee.
+L and C are empirical maxima, so the first two are estimates; only the certificates are guarantees.
+``lipschitz_lower_bound`` searches the other side: pairs whose ratio ‖f(x)−f(x′)‖₂/‖x−x′‖₂ is large.
 All functions take a model in eval mode (BatchNorm on running statistics, so images are independent and
 the gradient of a summed loss is the per-image gradient) and images in [0, 1] on the model's device.
 """
@@ -115,3 +121,91 @@ def certified_radii(margin: torch.Tensor, lipschitz: float) -> torch.Tensor:
     """m₊ / (√2·K) per image: no L2 perturbation shorter than this changes the prediction when the
     logits are K-Lipschitz in L2 (Tsuzuku et al. 2018). 0 for misclassified images (m ≤ 0)."""
     return margin.clamp_min(0) / (math.sqrt(2.0) * lipschitz)
+
+
+def pair_lipschitz(weight: torch.Tensor, head_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """(C, C): c_ij, an L2 Lipschitz constant of f_i − f_j as a function of the features φ.
+
+    Without head ‖w_i − w_j‖₂. With the bounded head f_c = t·tanh(s_c·(w_c·φ + b_c − μ_c)/|t|), the
+    gradient of f_i − f_j is sign(t)·(a·s_i w_i − b·s_j w_j) with a, b ∈ [0, 1] depending on x; its norm
+    is convex in (a, b), so at most its largest value at a corner: max(‖s_i w_i‖, ‖s_j w_j‖,
+    ‖s_i w_i − s_j w_j‖) — still ≤ √2·max|s|·‖W‖₂, the global form's constant.
+    """
+    rows = weight if head_scale is None else head_scale[:, None] * weight  # (C, d)
+    pairs = (rows[:, None, :] - rows[None, :, :]).norm(dim=2)  # exact differences, not cdist's shortcut
+    if head_scale is not None:
+        norms = rows.norm(dim=1)
+        pairs = torch.maximum(pairs, torch.maximum(norms[:, None], norms[None, :]))
+    return pairs
+
+
+def pairwise_radii(logits: torch.Tensor, y: torch.Tensor, feature_lipschitz: float,
+                   pairs: torch.Tensor) -> torch.Tensor:
+    """min_{j≠y} (f_y − f_j) / (K₋·c_yj) per image: (n, C) logits, (n,) labels, (C, C) ``pair_lipschitz``
+    -> (n,). 0 for misclassified images (some f_j ≥ f_y); +inf for a pair that cannot swap (c_yj = 0)."""
+    logits = logits.double()
+    gaps = logits.gather(1, y[:, None]) - logits  # (n, C): f_y − f_j
+    radii = torch.where(gaps > 0, gaps / (feature_lipschitz * pairs.to(logits)[y]), 0.0)
+    radii = radii.scatter(1, y[:, None], torch.inf)  # j = y is no competitor
+    return radii.amin(dim=1).float()
+
+
+def tightness(attack_l2: torch.Tensor, certified: torch.Tensor, correct: torch.Tensor) -> float:
+    """Median over correctly classified images of (best attack's L2 distance) / (certified radius): ≥ 1
+    for a sound certificate, 1 when it is exact; nan without correctly classified images."""
+    ratio = attack_l2[correct].double() / certified[correct].double()
+    return ratio.median().item() if len(ratio) else float("nan")
+
+
+def lipschitz_lower_bound(model: nn.Module, x: torch.Tensor, batch_size: int, steps: int = 30,
+                          radius: float = 0.01, seed: int = 0) -> float:
+    """The largest ‖f(a) − f(b)‖₂ / ‖a − b‖₂ found: a lower bound on the L2 Lipschitz constant of the
+    logits (every pair evaluated is a witness), for judging an upper bound's tightness.
+
+    Starts from pairs of test images (x_i, x_{i−1}) and from (x_i, x_i + noise of norm ``radius``); then
+    ``steps`` of normalized gradient ascent on the ratio, moving a by 1 in L2 (unclipped: the constant
+    is that of the logits on all of R^d) and turning the direction of b − a, whose length stays fixed
+    (at small lengths this is power iteration on the local Jacobian, at large ones it finds steep
+    chords). Model in eval mode.
+    """
+    generator = torch.Generator(device=x.device).manual_seed(seed)
+    best = 0.0
+    for start in range(0, len(x), batch_size):
+        a = x[start:start + batch_size]
+        noise = torch.randn(a.shape, generator=generator, device=x.device, dtype=x.dtype)
+        noise = radius * noise / _per_image(noise.flatten(1).norm(dim=1), noise)
+        for offset in (a.roll(1, 0) - a, noise):
+            best = max(best, _ascend_ratio(model, a, offset, steps))
+    return best
+
+
+def _per_image(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(B,) -> (B, 1, ...) broadcasting against ``like``."""
+    return values.view(-1, *[1] * (like.dim() - 1))
+
+
+def _ascend_ratio(model: nn.Module, a: torch.Tensor, offset: torch.Tensor, steps: int,
+                  a_step: float = 1.0, turn: float = 0.5) -> float:
+    length = offset.flatten(1).norm(dim=1)  # (B,), fixed
+    a, offset, length = a[length > 0], offset[length > 0], length[length > 0]  # no pair of equal images
+    if not len(a):
+        return 0.0
+    direction, best = offset / _per_image(length, offset), 0.0
+    for step in range(steps + 1):
+        with torch.enable_grad():
+            a = a.detach().requires_grad_(True)
+            direction = direction.detach().requires_grad_(True)
+            unit = direction / _per_image(direction.flatten(1).norm(dim=1), direction)
+            b = a + _per_image(length, a) * unit
+            ratio = (model(b) - model(a)).norm(dim=1) / (b - a).flatten(1).norm(dim=1)  # (B,)
+            best = max(best, ratio.max().item())
+            if step == steps:
+                break
+            grad_a, grad_direction = torch.autograd.grad(ratio.sum(), (a, direction))
+        a = a + a_step * _normalized(grad_a)
+        direction = unit.detach() + turn * _normalized(grad_direction)
+    return best
+
+
+def _normalized(v: torch.Tensor) -> torch.Tensor:
+    return v / _per_image(v.flatten(1).norm(dim=1).clamp_min(1e-30), v)

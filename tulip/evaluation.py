@@ -13,7 +13,9 @@ It evaluates the first ``attack.n`` test images (all when null):
   misclassifies and +inf where an attack failed; medians are over all evaluated images (so +inf when
   more than half survive every attack), means over the finite distances, and the robust error at ε is
   the % of images at distance ≤ ε, for every ε of ``attack.epsilons.<norm>``;
-- with ``eval.bounds`` (default on) the lower bounds of tulip.bounds on the same images (bounds.csv);
+- with ``eval.bounds`` (default on) the lower bounds and certificates of tulip.bounds on the same images
+  (bounds.csv): the pairwise certificate with the guaranteed Lipschitz bounds of tulip.lipschitz, its
+  tightness against the best L2 attack when one ran, and a searched lower bound on the Lipschitz constant;
 - with ``eval.nn`` the nearest differently-labelled training image of every test image (nn.csv).
 """
 import logging
@@ -28,7 +30,7 @@ from omegaconf import DictConfig, ListConfig
 from tulip import bounds, metric_keys, neighbours
 from tulip.config import ConfigError
 from tulip.data import Data
-from tulip.measures import layer_norm_product
+from tulip.lipschitz import last_layer, layer_norm_bound, layer_norm_estimate
 from tulip.metric_keys import NORMS
 from tulip.perturbations import frozen_eval
 from tulip.run_folder import RunFolder
@@ -134,8 +136,9 @@ def _predict(model: torch.nn.Module, x: torch.Tensor, batch_size: int) -> torch.
 
 def evaluate_attacks(attacks: dict[str, Attack], model, x: torch.Tensor, y: torch.Tensor,
                      settings: AttackSettings, folder: RunFolder, tracker: Tracker | None,
-                     columns: dict[str, list]) -> dict[str, float]:
-    """Every attack and the per-image best over them on images x, y; writes attacks.csv."""
+                     columns: dict[str, list]) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """Every attack and the per-image best over them on images x, y; writes attacks.csv.
+    Returns (metrics, {norm: (n,) the per-image best distance})."""
     columns = dict(columns)
     prediction = torch.tensor(columns["prediction"])
     metrics = {metric_keys.ATTACKED_IMAGES: float(len(y)),
@@ -165,24 +168,31 @@ def evaluate_attacks(attacks: dict[str, Attack], model, x: torch.Tensor, y: torc
         _log_curve(tracker, f"attack/best/robust_error_{norm}", norm,
                    error_curve(best[norm], settings.epsilons[norm]))
     folder.write_csv("attacks", columns)
-    return metrics
+    return metrics, best
 
 
 def evaluate_bounds(model, x: torch.Tensor, y: torch.Tensor, batch_size: int,
                     epsilons_l2: list[float]) -> tuple[dict[str, float], dict[str, list]]:
-    """First-order and (smooth models) second-order estimates and the certificate, per image:
-    (metrics, per-image columns)."""
+    """First-order and (smooth models) second-order estimates, the certificates and the Lipschitz
+    bounds, per image: (metrics, per-image columns). ``certified_l2`` is the certified radius."""
     grads = bounds.loss_gradients(model, x, y, batch_size)
     first = bounds.first_order_radii(grads.loss, grads.grad_norm)
-    lipschitz = layer_norm_product(model)
-    certified = bounds.certified_radii(grads.margin, lipschitz)
-    metrics = {metric_keys.BOUNDS_GRAD_NORM_MAX: grads.grad_norm.max().item(),
-               metric_keys.BOUNDS_FIRST_ORDER_MEDIAN: first.median().item(),
-               metric_keys.BOUNDS_CERTIFIED_MEDIAN: certified.median().item(),
-               metric_keys.BOUNDS_LIPSCHITZ_UPPER: float(lipschitz)}
+    lipschitz = layer_norm_bound(model, x.shape[1:])
+    global_radii = bounds.certified_radii(grads.margin, lipschitz)
+    certified, metrics = _certificate(model, x, y, batch_size, global_radii)
+    lower = bounds.lipschitz_lower_bound(model, x, batch_size)
+    metrics.update({metric_keys.BOUNDS_GRAD_NORM_MAX: grads.grad_norm.max().item(),
+                    metric_keys.BOUNDS_FIRST_ORDER_MEDIAN: first.median().item(),
+                    metric_keys.BOUNDS_CERTIFIED_MEDIAN: global_radii.median().item(),
+                    metric_keys.CERT_MEDIAN: certified.median().item(),
+                    metric_keys.CERT_LIPSCHITZ_UPPER: float(lipschitz),
+                    metric_keys.CERT_LIPSCHITZ_ESTIMATE: layer_norm_estimate(model, x.shape[1:]),
+                    metric_keys.LIPSCHITZ_EMPIRICAL_MAX: lower,
+                    metric_keys.LIPSCHITZ_UPPER_OVER_LOWER: lipschitz / lower if lower > 0 else float("inf")})
     # Certified at eps iff the radius exceeds eps; misclassified images (radius 0) always count.
     metrics.update({metric_keys.certified_error(eps): error for eps, error in error_curve(certified, epsilons_l2)})
-    columns = {"first_order_l2": first.tolist(), "certified_l2": certified.tolist()}
+    columns = {"first_order_l2": first.tolist(), "certified_l2": certified.tolist(),
+               "certified_global_l2": global_radii.tolist()}
     if bounds.is_smooth(model):
         curvature = bounds.hessian_norms(model, x, y, batch_size)
         second = bounds.second_order_radii(grads.loss, grads.grad_norm, curvature.max().item())
@@ -192,7 +202,25 @@ def evaluate_bounds(model, x: torch.Tensor, y: torch.Tensor, batch_size: int,
     else:
         log.info("bounds: skipping the second-order estimate: the model has piecewise-linear "
                  "activations (ReLU/max-pool), whose Hessian misses the curvature at the kinks")
+    log.info("certificate: median radius %.4g (global form %.4g), K = %.4g (estimate %.4g), largest "
+             "ratio found %.4g", metrics[metric_keys.CERT_MEDIAN], metrics[metric_keys.BOUNDS_CERTIFIED_MEDIAN],
+             lipschitz, metrics[metric_keys.CERT_LIPSCHITZ_ESTIMATE], lower)
     return metrics, columns
+
+
+def _certificate(model, x: torch.Tensor, y: torch.Tensor, batch_size: int,
+                 global_radii: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """The pairwise certified radii (n,) where the model ends in a linear layer (tulip.lipschitz.last_layer),
+    else the global ones; and the metrics that say which."""
+    last = last_layer(model, x.shape[1:])
+    if last is None:
+        log.info("certificate: the model does not end in a linear layer: global form m/(√2·K)")
+        return global_radii, {metric_keys.CERT_PAIRWISE: 0.0}
+    with torch.no_grad():
+        logits = torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]).cpu()
+    pairs = bounds.pair_lipschitz(last.weight, last.head_scale).cpu()
+    radii = bounds.pairwise_radii(logits, y.cpu(), last.feature_bound, pairs)
+    return radii, {metric_keys.CERT_PAIRWISE: 1.0, metric_keys.CERT_FEATURE_LIPSCHITZ_UPPER: last.feature_bound}
 
 
 def evaluate_neighbours(data: Data, folder: RunFolder) -> dict[str, float]:
@@ -226,7 +254,7 @@ class Evaluation:
     def families(self) -> tuple[str, ...]:
         """The metric families this evaluation writes (mode=evaluate replaces exactly these)."""
         return ((metric_keys.ATTACK_PREFIX,) if self.attacks else ()) + \
-            ((metric_keys.BOUNDS_PREFIX,) if self.bounds else ()) + \
+            (metric_keys.BOUNDS_FAMILIES if self.bounds else ()) + \
             ((metric_keys.NN_PREFIX,) if self.neighbours else ())
 
     def __call__(self, model: torch.nn.Module, data: Data, folder: RunFolder,
@@ -240,13 +268,17 @@ class Evaluation:
                 images = {"index": list(range(n)), "label": y.tolist(),
                           "prediction": _predict(model, x, self.settings.batch_size).tolist()}
             if self.attacks:
-                metrics.update(evaluate_attacks(self.attacks, model, x, y, self.settings, folder, tracker, images))
+                found, best = evaluate_attacks(self.attacks, model, x, y, self.settings, folder, tracker, images)
+                metrics.update(found)
             if self.bounds:
                 found, columns = evaluate_bounds(model, x, y, self.settings.batch_size, self.settings.epsilons["l2"])
                 metrics.update(found)
                 folder.write_csv("bounds", {**images, **columns})
-                _log_curve(tracker, "bounds/certified_error", "l2",
-                           error_curve(torch.tensor(columns["certified_l2"]), self.settings.epsilons["l2"]))
+                certified = torch.tensor(columns["certified_l2"])
+                _log_curve(tracker, metric_keys.CERT_CURVE, "l2", error_curve(certified, self.settings.epsilons["l2"]))
+                if any(attack.norm == "l2" for attack in self.attacks.values()):
+                    correct = torch.tensor(images["prediction"]) == y.cpu()
+                    metrics[metric_keys.CERT_TIGHTNESS] = bounds.tightness(best["l2"], certified, correct)
             if self.neighbours:
                 metrics.update(evaluate_neighbours(data, folder))
         return metrics

@@ -7,8 +7,9 @@
     lipschitz/jacobian_2inf               max over images of max_c ||grad_x f_c(x)||_2
     weights/product_2inf                  largest row 2-norm of M, where x -> M x + b is the linearized
     weights/product_spectral              network (see ``tulip.models.linearized``), and M's spectral norm
-    weights/layer_norm_product            product of the layers' operator norms: an upper bound on the
-                                          L2 Lipschitz constant of the logits
+    weights/layer_norm_product            product of guaranteed bounds on the layers' operator norms
+                                          (``tulip.lipschitz.layer_norm_bound``): an upper bound, by
+                                          theorem, on the L2 Lipschitz constant of the logits
     model/tanh_scale                      the bounded head's t (only with ``model.tanh=true``)
 
 In eval mode every sample's output depends on that sample only, so the input gradient of the *sum* of
@@ -16,34 +17,14 @@ the losses holds exactly the per-sample gradients (the original code differentia
 which scales every gradient by 1/batch).
 """
 import math
-from contextlib import contextmanager
-from functools import singledispatch
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from tulip import metric_keys
-from tulip.models import (BranchMean, Classifier, ConvBN, DenseBN, GlobalAvgPool, Nonlinearity, Residual,
-                          linearized)
-
-POWER_ITERATIONS = 100
-# Power iteration approaches a convolution's norm from below; after POWER_ITERATIONS steps from a
-# random start the estimate was within 0.5% of the exact norm on every layer we checked (tests compare
-# against dense SVDs). This factor turns the estimate into an upper bound.
-POWER_SAFETY = 1.02
-
-
-@contextmanager
-def _eval_mode(model: nn.Module):
-    """Eval mode inside the block; every module's own train/eval flag restored afterwards."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for module, training in modes:
-            module.training = training
+from tulip.lipschitz import eval_mode, layer_norm_bound
+from tulip.models import Classifier, linearized
 
 
 def _input_grads(x: torch.Tensor, scalars: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -82,7 +63,7 @@ def linearized_matrix(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def measure(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> dict[str, float]:
     """All per-epoch measurements on the test set (x, y), in eval mode; see the module docstring."""
     loss_sum, wrong, grad_norms, jacobian_2inf = 0.0, 0, [], 0.0
-    with _eval_mode(model):
+    with eval_mode(model):
         for start in range(0, len(x), batch_size):
             yb = y[start:start + batch_size]
             with torch.enable_grad():
@@ -107,137 +88,8 @@ def measure(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int)
             metric_keys.JACOBIAN_2INF: jacobian_2inf,
             metric_keys.PRODUCT_2INF: rows.norm(dim=1).max().item(),
             metric_keys.PRODUCT_SPECTRAL: torch.linalg.matrix_norm(rows, ord=2).item(),
-            metric_keys.LAYER_NORM_PRODUCT: layer_norm_product(model, x.shape[1:]),
+            metric_keys.LAYER_NORM_PRODUCT: layer_norm_bound(model, x.shape[1:]),
         }
         if isinstance(model, Classifier) and model.tanh_scale is not None:
             metrics[metric_keys.TANH_SCALE] = model.tanh_scale.item()
     return metrics
-
-
-# ----------------------------------------------------------------------------------------------------
-# Product of layer operator norms: a Lipschitz upper bound walked over the model's known block types.
-# Each rule takes (module, input shape without batch) and returns (L2 operator-norm bound, output shape).
-
-
-def layer_norm_product(model: nn.Module, input_shape=None) -> float:
-    """Upper bound on the L2 Lipschitz constant of the logits (eval mode): product of layer norms.
-
-    Convolutions are the real strided/padded operators (power iteration with conv2d / conv_transpose2d,
-    eval-mode BatchNorm folded into the weights, times ``POWER_SAFETY``); linear layers exact (SVD);
-    a residual block is bounded by shortcut norm + branch norm; every ``Nonlinearity`` is 1-Lipschitz.
-    ``input_shape`` (C, H, W) defaults to ``model.input_shape``.
-    """
-    shape = tuple(model.input_shape if input_shape is None else input_shape)
-    with torch.no_grad(), _eval_mode(model):
-        bound, _ = _lipschitz(model, shape)
-    return bound
-
-
-@singledispatch
-def _lipschitz(module: nn.Module, shape):
-    raise TypeError(f"layer_norm_product has no rule for {type(module).__name__}; build models from the "
-                    "blocks in tulip.models")
-
-
-@_lipschitz.register
-def _(module: nn.Sequential, shape):
-    bound = 1.0
-    for child in module:
-        child_bound, shape = _lipschitz(child, shape)
-        bound *= child_bound
-    return bound, shape
-
-
-@_lipschitz.register
-def _(module: Residual, shape):
-    branch, out_shape = _lipschitz(module.branch, shape)
-    shortcut, _ = _lipschitz(module.shortcut, shape)
-    return branch + shortcut, out_shape
-
-
-@_lipschitz.register(Nonlinearity)
-@_lipschitz.register(nn.Identity)
-def _(module, shape):
-    return 1.0, shape
-
-
-@_lipschitz.register
-def _(module: nn.Flatten, shape):
-    return 1.0, (math.prod(shape),)
-
-
-@_lipschitz.register
-def _(module: GlobalAvgPool, shape):
-    channels, height, width = shape
-    return 1.0 / math.sqrt(height * width), (channels,)
-
-
-@_lipschitz.register
-def _(module: BranchMean, shape):
-    channels, height, width = shape
-    return 1.0 / math.sqrt(module.branches), (channels // module.branches, height, width)
-
-
-@_lipschitz.register
-def _(module: nn.AvgPool2d, shape):
-    # Non-overlapping k x k windows: each output averages k^2 inputs no other output sees -> norm 1/k.
-    kernel, stride = module.kernel_size, module.stride
-    if not (isinstance(kernel, int) and stride == kernel and module.padding == 0):
-        raise TypeError(f"layer_norm_product handles only non-overlapping AvgPool2d, got {module}")
-    channels, height, width = shape
-    return 1.0 / kernel, (channels, height // kernel, width // kernel)
-
-
-def _batch_norm_scale(bn: nn.modules.batchnorm._BatchNorm) -> torch.Tensor:
-    """Per-channel multiplier of eval-mode BatchNorm: gamma / sqrt(running_var + eps)."""
-    scale = torch.rsqrt(bn.running_var + bn.eps)
-    return scale * bn.weight if bn.affine else scale
-
-
-@_lipschitz.register
-def _(module: nn.BatchNorm1d, shape):
-    return _batch_norm_scale(module).abs().max().item(), shape
-
-
-@_lipschitz.register
-def _(module: nn.Linear, shape):
-    return torch.linalg.matrix_norm(module.weight, ord=2).item(), (module.out_features,)
-
-
-@_lipschitz.register
-def _(module: DenseBN, shape):
-    weight = module.linear.weight * _batch_norm_scale(module.bn)[:, None]
-    return torch.linalg.matrix_norm(weight, ord=2).item(), (module.linear.out_features,)
-
-
-@_lipschitz.register
-def _(module: ConvBN, shape):
-    conv = module.conv
-    weight = conv.weight
-    if "bn" in module._modules:
-        weight = weight * _batch_norm_scale(module.bn)[:, None, None, None]
-    norm, out_shape = conv_operator_norm(weight, shape, conv.stride, conv.padding, conv.groups)
-    return POWER_SAFETY * norm, out_shape
-
-
-def conv_operator_norm(weight, shape, stride, padding, groups=1, iterations=POWER_ITERATIONS):
-    """Spectral norm of x -> conv2d(x, weight) on inputs of shape (C, H, W), by seeded power iteration.
-
-    The adjoint is conv_transpose2d with the output padding that restores (H, W), so strides and zero
-    padding are those of the real layer. Returns (norm estimate, output shape); the estimate is a lower
-    bound that converges to the norm.
-    """
-    generator = torch.Generator(device=weight.device).manual_seed(0)
-    v = torch.randn(1, *shape, generator=generator, device=weight.device, dtype=weight.dtype)
-    u = F.conv2d(v, weight, stride=stride, padding=padding, groups=groups)
-    kernel = weight.shape[2:]
-    output_padding = tuple(size - ((out - 1) * s - 2 * p + k)
-                           for size, out, s, p, k in zip(shape[1:], u.shape[2:], stride, padding, kernel))
-    for _ in range(iterations):
-        v = v / v.norm()
-        u = F.conv2d(v, weight, stride=stride, padding=padding, groups=groups)
-        v = F.conv_transpose2d(u, weight, stride=stride, padding=padding, output_padding=output_padding,
-                               groups=groups)
-    v = v / v.norm()
-    u = F.conv2d(v, weight, stride=stride, padding=padding, groups=groups)
-    return u.norm().item(), tuple(u.shape[1:])

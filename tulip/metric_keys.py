@@ -9,19 +9,29 @@ The keys are the names of the per-epoch rows of metrics.jsonl, of summary.json a
     lipschitz/loss_grad_max, _mean          max / mean over test images of ‖∇ₓ loss_i‖₂
     lipschitz/jacobian_2inf                 max over test images of max_c ‖∇ₓ f_c(x)‖₂
     weights/product_2inf, _spectral         largest row norm / spectral norm of the linearized network
-    weights/layer_norm_product              product of the layers' operator norms (L2 Lipschitz bound)
+    weights/layer_norm_product              product of guaranteed bounds on the layers' operator norms: an
+                                            upper bound, by theorem, on the logits' L2 Lipschitz constant
     model/tanh_scale                        the bounded head's t (model.tanh=true only)
     time/epoch_s                            wall time of the epoch, measurements included
     best/test_error_pct, best/epoch         the best epoch (summary.json only)
     attack/<name>/median_<norm>, mean_<norm>, failures, time_s, error_pct_<norm>@<eps>
     attack/best/...                         the per-image best over all attacks, in every attacked norm
     attack/n, attack/clean_error_pct        how many test images the evaluation used, and their error
-    bounds/<stat>, bounds/certified_error_pct@<eps>
+    bounds/<stat>                           lower-bound estimates; bounds/certified_median: the global
+                                            certificate m/(√2·K), kept to compare with cert/median_l2
+    cert/median_l2, cert/error_pct_l2@<eps> the certificate (pairwise, GloRo's form) and its error curve
+    cert/tightness                          median best-attack L2 distance / certified radius (≥ 1)
+    cert/lipschitz_upper, _feature_upper    guaranteed K of the logits, and K₋ of the last layer's input
+    cert/lipschitz_estimate                 power-iteration estimate of K (not a bound), for comparison
+    cert/pairwise                           1 when the pairwise form applied, 0 for the global fallback
+    lipschitz/empirical_max                 largest ‖f(x)−f(x′)‖₂/‖x−x′‖₂ found: a lower bound on K
+    lipschitz/upper_over_lower              cert/lipschitz_upper / lipschitz/empirical_max (≥ 1)
     nn/<norm>_<stat>                        nearest differently-labelled training image
     summary/<stat>                          mode=summary's statistics of the best checkpoint
 
 A robust-error key ``…error_pct…@<eps>`` holds the % of evaluated images whose distance (adversarial, or
-certified radius) is ≤ eps; eps is written with ``%g`` (0.5, 1, 0.0313725).
+certified radius) is ≤ eps; eps is written with ``%g`` (0.5, 1, 0.0313725). Older runs wrote the
+certified curve as ``bounds/certified_error_pct@<eps>``; readers still parse it.
 """
 import re
 from typing import NamedTuple
@@ -48,7 +58,7 @@ BEST_EPOCH = "best/epoch"
 # Families logged once per epoch (W&B plots them against `epoch`).
 EPOCH_PREFIXES = ("train/", "test/", "lipschitz/", "weights/", "model/", "time/")
 # Families of the final evaluation; mode=evaluate replaces a family it recomputes.
-ATTACK_PREFIX, BOUNDS_PREFIX, NN_PREFIX = "attack/", "bounds/", "nn/"
+ATTACK_PREFIX, BOUNDS_PREFIX, CERT_PREFIX, NN_PREFIX = "attack/", "bounds/", "cert/", "nn/"
 
 ATTACKED_IMAGES = "attack/n"
 ATTACKED_CLEAN_ERROR = "attack/clean_error_pct"
@@ -58,9 +68,22 @@ BOUNDS_GRAD_NORM_MAX = "bounds/grad_norm_max"
 BOUNDS_FIRST_ORDER_MEDIAN = "bounds/first_order_median"
 BOUNDS_SECOND_ORDER_MEDIAN = "bounds/second_order_median"
 BOUNDS_HESSIAN_NORM_MAX = "bounds/hessian_norm_max"
-BOUNDS_CERTIFIED_MEDIAN = "bounds/certified_median"
-BOUNDS_LIPSCHITZ_UPPER = "bounds/lipschitz_upper"
-CERTIFIED_ERROR_STEM = "bounds/certified_error_pct"
+BOUNDS_CERTIFIED_MEDIAN = "bounds/certified_median"  # the global form m/(√2·K), for comparison
+
+CERT_MEDIAN = "cert/median_l2"
+CERTIFIED_ERROR_STEM = "cert/error_pct_l2"
+LEGACY_CERTIFIED_ERROR_STEM = "bounds/certified_error_pct"  # older runs' certified curve
+CERT_TIGHTNESS = "cert/tightness"
+CERT_LIPSCHITZ_UPPER = "cert/lipschitz_upper"
+CERT_FEATURE_LIPSCHITZ_UPPER = "cert/lipschitz_feature_upper"
+CERT_LIPSCHITZ_ESTIMATE = "cert/lipschitz_estimate"
+CERT_PAIRWISE = "cert/pairwise"
+CERT_CURVE = "cert/certified_error"  # the W&B table of the certified-error curve
+LIPSCHITZ_EMPIRICAL_MAX = "lipschitz/empirical_max"
+LIPSCHITZ_UPPER_OVER_LOWER = "lipschitz/upper_over_lower"
+# What eval.bounds writes: mode=evaluate replaces these (the lipschitz/ keys one by one: that family
+# also holds per-epoch measurements).
+BOUNDS_FAMILIES = (BOUNDS_PREFIX, CERT_PREFIX, LIPSCHITZ_EMPIRICAL_MAX, LIPSCHITZ_UPPER_OVER_LOWER)
 
 
 def penalty(name: str) -> str:
@@ -104,7 +127,7 @@ def robust_error(name: str, norm: str, eps: float) -> str:
 
 
 def certified_error(eps: float) -> str:
-    """% of images not certified at L2 radius eps (misclassified included): ``bounds/certified_error_pct@<eps>``."""
+    """% of images not certified at L2 radius eps (misclassified included): ``cert/error_pct_l2@<eps>``."""
     return f"{CERTIFIED_ERROR_STEM}@{eps_text(eps)}"
 
 
@@ -116,8 +139,8 @@ def summary(stat: str) -> str:
     return f"summary/{stat}"
 
 
-# Globs for the report's default columns and plots.
-ROBUST_ERROR_GLOBS = (attack("*", "error_pct*@*"), f"{CERTIFIED_ERROR_STEM}@*")
+# Globs for the report's default columns and plots: attacks, the certificate, older runs' certificate.
+ROBUST_ERROR_GLOBS = (attack("*", "error_pct*@*"), f"{CERTIFIED_ERROR_STEM}@*", f"{LEGACY_CERTIFIED_ERROR_STEM}@*")
 
 
 class RobustErrorKey(NamedTuple):
@@ -134,8 +157,9 @@ class RobustErrorKey(NamedTuple):
             return float("inf")
 
 
-# attack/<name>/error_pct_<norm>@<eps> (older runs: without _<norm>) and bounds/certified_error_pct@<eps>.
-_ROBUST_ERROR = re.compile(r"^(?:attack/(?P<attack>[^/]+)/|bounds/certified_)"
+# attack/<name>/error_pct_<norm>@<eps> (older runs: without _<norm>), cert/error_pct_l2@<eps> and older
+# runs' bounds/certified_error_pct@<eps>.
+_ROBUST_ERROR = re.compile(r"^(?:attack/(?P<attack>[^/]+)/|(?P<certified>cert/|bounds/certified_))"
                            r"error_pct(?:_(?P<norm>[a-z0-9]+))?@(?P<eps>.+)$")
 
 
@@ -144,7 +168,7 @@ def parse_robust_error(key: str) -> RobustErrorKey | None:
     match = _ROBUST_ERROR.match(key)
     if match is None:
         return None
-    certified = match["attack"] is None
+    certified = match["certified"] is not None
     return RobustErrorKey(attack="certified" if certified else match["attack"],
                           norm="l2" if certified else (match["norm"] or ""),
                           eps=match["eps"], stem=key.split("@")[0])

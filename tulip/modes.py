@@ -2,7 +2,7 @@
 
 - ``python run.py mode=evaluate run_dir=<path> 'attack=[ddn,pgd_l2]' eval.nn=true``: the final evaluation
   (tulip.evaluation) with this command line's attack and eval settings. Its results replace the run's
-  earlier keys of the families it recomputes (``attack/*``, ``bounds/*``, ``nn/*``) in summary.json, and
+  earlier keys of the families it recomputes (``attack/*``, ``bounds/*`` with ``cert/*``, ``nn/*``) in summary.json, and
   their csv files.
 - ``python run.py mode=summary run_dir=<path>``: what the original ``summary.py`` reported, recomputed on
   the best checkpoint and the whole test set, merged into summary.json as ``summary/*`` and printed.

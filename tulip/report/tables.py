@@ -13,7 +13,7 @@ from tulip.report.runs import Run
 STATUSES = ("finished", "failed", "diverged", "unreadable")
 # Keys that never define a configuration: the seed is aggregated over, wandb.* only names the log.
 NOT_CONFIGURATION = ("seed", "wandb.*", "hydra.*")
-ATTACK_ERRORS, CERTIFIED_ERRORS = metric_keys.ROBUST_ERROR_GLOBS
+ATTACK_ERRORS, CERTIFIED_ERRORS, LEGACY_CERTIFIED_ERRORS = metric_keys.ROBUST_ERROR_GLOBS
 DEFAULT_METRICS = (
     metric_keys.TEST_ERROR,
     metric_keys.BEST_TEST_ERROR,
@@ -26,8 +26,12 @@ DEFAULT_METRICS = (
     metric_keys.TANH_SCALE,
     metric_keys.attack("*", "median_*"),
     ATTACK_ERRORS,
+    metric_keys.CERT_MEDIAN,
     metric_keys.BOUNDS_CERTIFIED_MEDIAN,
+    metric_keys.CERT_TIGHTNESS,
+    metric_keys.LIPSCHITZ_UPPER_OVER_LOWER,
     CERTIFIED_ERRORS,
+    LEGACY_CERTIFIED_ERRORS,
 )
 
 
