@@ -3,6 +3,7 @@
 Tests build their config exactly as `python run.py` does (same conf/ folder, same defaults), then
 shrink it with overrides: one epoch, subsets of mnist5k, W&B disabled unless W&B is under test.
 """
+import math
 import os
 import sys
 from pathlib import Path
@@ -69,3 +70,49 @@ def build_model_option(name: str, overrides=(), channels: int = 1, size: int = 2
 @pytest.fixture
 def make_config():
     return compose_config
+
+
+def dense_matrix(linear_map, shape):
+    """The matrix of a linear map on inputs of `shape`, column by column (small shapes only)."""
+    d = math.prod(shape)
+    basis = torch.eye(d, dtype=torch.float64).view(d, *shape)
+    return linear_map(basis).reshape(d, -1).T
+
+
+def with_random_statistics(layer: torch.nn.Module) -> torch.nn.Module:
+    """`layer` in float64 and eval mode, its BatchNorms with nontrivial running statistics and scales."""
+    torch.manual_seed(0)
+    layer = layer.double()
+    for module in layer.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.running_var.uniform_(0.1, 4.0)
+            module.running_mean.normal_()
+            module.weight.data.normal_()
+    return layer.eval()
+
+
+@torch.no_grad()
+def exact_operator_norm(layer: torch.nn.Module, shape) -> float:
+    """The L2 operator norm of an affine layer's linear part on inputs of `shape`, by a dense SVD."""
+    offset = layer(torch.zeros(1, *shape, dtype=torch.float64))  # BN / bias shift
+    return torch.linalg.svdvals(dense_matrix(lambda v: layer(v) - offset, shape))[0].item()
+
+
+def run_interrupted_in_second_epoch(cfg: DictConfig, run_dir: Path, monkeypatch) -> None:
+    """Run `cfg` in `run_dir`, killed (KeyboardInterrupt) during epoch 2's measurements: the folder then
+    holds epoch 1's checkpoint, as after a preemption."""
+    import tulip.train
+    from tulip.main import run
+
+    real_measure, calls = tulip.train.measure, []
+
+    def crash_on_second_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("simulated preemption")
+        return real_measure(*args, **kwargs)
+
+    monkeypatch.setattr(tulip.train, "measure", crash_on_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, run_dir)
+    monkeypatch.setattr(tulip.train, "measure", real_measure)

@@ -5,7 +5,6 @@ from dataclasses import replace
 import pytest
 import torch
 from hydra.utils import get_method, instantiate
-from omegaconf import OmegaConf
 
 from conftest import compose_config
 from test_attacks import ATTACK_DIR, ATTACK_NAMES, NOT_ATTACKS, attack_config

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import SHRINK, build_model_option, compose_config
-from tulip.gloro import GloroPenalty, LayerNorms, certifiable_layers
+from conftest import SHRINK, build_model_option, compose_config, dense_matrix, run_interrupted_in_second_epoch
+from tulip.gloro import LayerNorms, certifiable_layers
 from tulip.main import run
 from tulip.objective import build_objective
 
@@ -17,9 +17,7 @@ SMALL_4C3F = SHRINK["cnn_4c3f"]
 
 def dense_operator_norm(layer, shape) -> float:
     """Exact spectral norm of a conv/linear layer's linear part on inputs of `shape` (1, ...)."""
-    n = math.prod(shape[1:])
-    basis = torch.eye(n, dtype=torch.float64).view(n, *shape[1:])
-    matrix = LayerNorms._apply(layer.double(), basis).reshape(n, -1)
+    matrix = dense_matrix(lambda v: LayerNorms._apply(layer.double(), v), shape[1:])
     layer.float()
     return torch.linalg.matrix_norm(matrix, ord=2).item()
 
@@ -85,22 +83,9 @@ def test_a_model_or_radius_it_cannot_certify_fails_before_training(tmp_path, ove
 def test_persistent_vectors_resume_exactly(tmp_path, monkeypatch):
     """The power-iteration vectors are training state: a run killed after epoch 1 and resumed ends with
     exactly the metrics of an uninterrupted run."""
-    import tulip.train
-
     overrides = ["model=cnn_4c3f", *SMALL_4C3F, "regularizer=gloro", "optim=adam", "epochs=2"]
     whole = run(compose_config(*overrides), tmp_path / "whole")
-    real_measure, calls = tulip.train.measure, []
-
-    def crash_on_second_epoch(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt("simulated preemption")
-        return real_measure(*args, **kwargs)
-
-    monkeypatch.setattr(tulip.train, "measure", crash_on_second_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        run(compose_config(*overrides), tmp_path / "split")
-    monkeypatch.setattr(tulip.train, "measure", real_measure)
+    run_interrupted_in_second_epoch(compose_config(*overrides), tmp_path / "split", monkeypatch)
     saved = torch.load(tmp_path / "split" / "checkpoints" / "last.pt", weights_only=True)
     assert len(saved["objective"]["penalties.gloro"]["vectors"]) == 6
     resumed = run(compose_config(*overrides), tmp_path / "split")

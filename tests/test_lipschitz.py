@@ -1,12 +1,11 @@
 """The guaranteed layer bounds: never below the exact operator norm (dense SVDs), and close to it."""
-import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import SHRINK, build_model_option
+from conftest import SHRINK, build_model_option, dense_matrix, exact_operator_norm, with_random_statistics
 
 from tulip.lipschitz import (conv_norm_bound, gram_norm_bound, last_layer, layer_norm_bound,
                              layer_norm_estimate, matrix_norm_bound)
@@ -15,13 +14,6 @@ from tulip.models import BranchMean, ConvBN, DenseBN, GlobalAvgPool
 # At 9x9 and 12x12 inputs the bound was at most 1.24x the exact norm over strides 1/2, paddings 0/1/2,
 # groups 1/2 and kernels 1/3/4/5 (three seeds each); it is loosest when the output has few positions.
 CONV_FACTOR = 1.3
-
-
-def dense_matrix(linear_map, shape):
-    """The matrix of a linear map on inputs of `shape`, column by column (small shapes only)."""
-    d = math.prod(shape)
-    basis = torch.eye(d, dtype=torch.float64).view(d, *shape)
-    return linear_map(basis).reshape(d, -1).T
 
 
 def spectral_norm(matrix: torch.Tensor) -> float:
@@ -109,17 +101,9 @@ def test_conv_bound_on_real_layer_sizes_is_close_to_power_iteration():
 ], ids=["conv_bn", "grouped_conv_bn", "linear", "dense_bn", "global_avg_pool", "avg_pool", "branch_mean"])
 def test_layer_bounds_are_above_the_operator_norms(layer, shape):
     """Eval-mode BatchNorm (nontrivial statistics) folded into the weights; pools and branch means exact."""
-    torch.manual_seed(0)
-    layer = layer.double()
-    for module in layer.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.running_var.uniform_(0.1, 4.0)
-            module.running_mean.normal_()
-            module.weight.data.normal_()
-    layer.eval()
+    layer = with_random_statistics(layer)
+    exact = exact_operator_norm(layer, shape)
     with torch.no_grad():
-        offset = layer(torch.zeros(1, *shape, dtype=torch.float64))  # BN / bias shift
-        exact = spectral_norm(dense_matrix(lambda v: layer(v) - offset, shape))
         bound = layer_norm_bound(layer, shape)
     assert exact * (1 - 1e-12) <= bound <= CONV_FACTOR * exact
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import SHRINK, build_model_option
+from conftest import SHRINK, build_model_option, dense_matrix, exact_operator_norm, with_random_statistics
 
 from tulip.lipschitz import (POWER_SAFETY, conv_norm_estimate, layer_norm_bound, layer_norm_estimate)
 from tulip.measures import measure, per_sample_loss_grad_norms
@@ -15,13 +15,6 @@ from tulip.models import BranchMean, ConvBN, GlobalAvgPool, Residual
 
 def build(name, overrides=(), channels=1, size=28, classes=10):
     return build_model_option(name, overrides, channels, size, classes)
-
-
-def dense_matrix(linear_map, shape):
-    """The matrix of a linear map on inputs of `shape`, column by column (small shapes only)."""
-    d = math.prod(shape)
-    basis = torch.eye(d, dtype=torch.float64).view(d, *shape)
-    return linear_map(basis).reshape(d, -1).T
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -187,17 +180,9 @@ def test_conv_norm_estimate_matches_dense_svd(stride, padding, groups, kernel):
 def test_layer_norms_are_the_operator_norms(layer, shape):
     """Eval-mode BatchNorm folded into the conv; pools and branch means exact (the power-iteration
     estimate; tests/test_lipschitz.py checks the guaranteed bound on the same layers)."""
-    torch.manual_seed(0)
-    layer = layer.double()
-    for module in layer.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_var.uniform_(0.1, 4.0)
-            module.running_mean.normal_()
-            module.weight.data.normal_()
-    layer.eval()
+    layer = with_random_statistics(layer)
+    exact = exact_operator_norm(layer, shape)
     with torch.no_grad():
-        offset = layer(torch.zeros(1, *shape, dtype=torch.float64))  # BN / bias shift
-        exact = torch.linalg.svdvals(dense_matrix(lambda v: layer(v) - offset, shape))[0].item()
         bound = layer_norm_estimate(layer, shape)
     assert exact * (1 - 1e-12) <= bound <= POWER_SAFETY * exact * (1 + 1e-12)
 

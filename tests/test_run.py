@@ -8,8 +8,7 @@ import sys
 import pytest
 import torch
 
-import tulip.train
-from conftest import ROOT, compose_config
+from conftest import ROOT, compose_config, run_interrupted_in_second_epoch
 from tulip.config import ConfigError
 from tulip.main import run
 from tulip.run_folder import build_model, load_run
@@ -94,23 +93,9 @@ def test_interrupted_run_resumes_to_the_same_metrics(tmp_path, monkeypatch, opti
         return compose_config("epochs=3", *optimization)
 
     uninterrupted = run(compose(), tmp_path / "whole")
-
-    # Crash during epoch 2's measurements: the folder then holds epoch 1's last.pt.
-    real_measure = tulip.train.measure
-    calls = []
-
-    def crash_on_second_epoch(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt("simulated preemption")
-        return real_measure(*args, **kwargs)
-
-    monkeypatch.setattr(tulip.train, "measure", crash_on_second_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        run(compose(), tmp_path / "split")
+    run_interrupted_in_second_epoch(compose(), tmp_path / "split", monkeypatch)
     summary = json.loads((tmp_path / "split" / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["epoch"] == 1
-    monkeypatch.setattr(tulip.train, "measure", real_measure)
 
     resumed = run(compose(), tmp_path / "split")
     assert without_times(resumed) == without_times(uninterrupted)
