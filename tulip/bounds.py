@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from tulip.models import ReLU
+from tulip.perturbations import l2_direction
 
 # Piecewise-linear modules: a network containing any of them has a Hessian that is zero almost
 # everywhere inside its linear regions, which says nothing about its curvature across the kinks.
@@ -173,7 +174,7 @@ def lipschitz_lower_bound(model: nn.Module, x: torch.Tensor, batch_size: int, st
     for start in range(0, len(x), batch_size):
         a = x[start:start + batch_size]
         noise = torch.randn(a.shape, generator=generator, device=x.device, dtype=x.dtype)
-        noise = radius * noise / _per_image(noise.flatten(1).norm(dim=1), noise)
+        noise = radius * l2_direction(noise)
         for offset in (a.roll(1, 0) - a, noise):
             best = max(best, _ascend_ratio(model, a, offset, steps))
     return best
@@ -190,22 +191,18 @@ def _ascend_ratio(model: nn.Module, a: torch.Tensor, offset: torch.Tensor, steps
     a, offset, length = a[length > 0], offset[length > 0], length[length > 0]  # no pair of equal images
     if not len(a):
         return 0.0
-    direction, best = offset / _per_image(length, offset), 0.0
+    direction, best = l2_direction(offset), 0.0
     for step in range(steps + 1):
         with torch.enable_grad():
             a = a.detach().requires_grad_(True)
             direction = direction.detach().requires_grad_(True)
-            unit = direction / _per_image(direction.flatten(1).norm(dim=1), direction)
+            unit = l2_direction(direction)
             b = a + _per_image(length, a) * unit
             ratio = (model(b) - model(a)).norm(dim=1) / (b - a).flatten(1).norm(dim=1)  # (B,)
             best = max(best, ratio.max().item())
             if step == steps:
                 break
             grad_a, grad_direction = torch.autograd.grad(ratio.sum(), (a, direction))
-        a = a + a_step * _normalized(grad_a)
-        direction = unit.detach() + turn * _normalized(grad_direction)
+        a = a + a_step * l2_direction(grad_a)
+        direction = unit.detach() + turn * l2_direction(grad_direction)
     return best
-
-
-def _normalized(v: torch.Tensor) -> torch.Tensor:
-    return v / _per_image(v.flatten(1).norm(dim=1).clamp_min(1e-30), v)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tulip.lipschitz import conv_adjoint
 from tulip.models import ConvBN, ReLU
 from tulip.objective import ArgumentError, Model, Penalty, TrainingBatch, nonnegative, positive_int
 
@@ -71,11 +72,7 @@ class LayerNorms:
     def _adjoint(layer: nn.Module, u: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         if isinstance(layer, nn.Linear):
             return F.linear(u, layer.weight.t())
-        # output_padding restores the input size that a strided convolution rounds away
-        output_padding = tuple(size - ((out - 1) * s - 2 * p + k) for size, out, s, p, k in
-                               zip(shape[2:], u.shape[2:], layer.stride, layer.padding, layer.kernel_size))
-        return F.conv_transpose2d(u, layer.weight, stride=layer.stride, padding=layer.padding,
-                                  output_padding=output_padding, groups=layer.groups)
+        return conv_adjoint(u, layer.weight, shape, layer.stride, layer.padding, layer.groups)
 
     @torch.no_grad()
     def iterate(self, steps: int) -> None:

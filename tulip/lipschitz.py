@@ -148,6 +148,16 @@ def conv_norm_bound(weight: torch.Tensor, shape, stride, padding, groups: int = 
     return bound * slack, conv_output_shape(weight, shape, stride, padding)
 
 
+def conv_adjoint(u: torch.Tensor, weight: torch.Tensor, shape, stride, padding, groups: int = 1) -> torch.Tensor:
+    """The adjoint of x -> conv2d(x, weight, stride, padding, groups) on inputs of shape (C, H, W), applied
+    to u (B, C_out, H_out, W_out): conv_transpose2d with the output padding that restores (H, W), which a
+    strided convolution rounds away."""
+    output_padding = tuple(size - ((out - 1) * s - 2 * p + k) for size, out, s, p, k in
+                           zip(shape[-2:], u.shape[2:], stride, padding, weight.shape[2:]))
+    return F.conv_transpose2d(u, weight, stride=stride, padding=padding, output_padding=output_padding,
+                              groups=groups)
+
+
 def conv_norm_estimate(weight: torch.Tensor, shape, stride, padding, groups: int = 1,
                        iterations: int = POWER_ITERATIONS) -> tuple[float, tuple]:
     """Spectral norm of x -> conv2d(x, weight) on inputs of shape (C, H, W), by seeded power iteration.
@@ -158,15 +168,10 @@ def conv_norm_estimate(weight: torch.Tensor, shape, stride, padding, groups: int
     """
     generator = torch.Generator(device=weight.device).manual_seed(0)
     v = torch.randn(1, *shape, generator=generator, device=weight.device, dtype=weight.dtype)
-    u = F.conv2d(v, weight, stride=stride, padding=padding, groups=groups)
-    kernel = weight.shape[2:]
-    output_padding = tuple(size - ((out - 1) * s - 2 * p + k)
-                           for size, out, s, p, k in zip(shape[1:], u.shape[2:], stride, padding, kernel))
     for _ in range(iterations):
         v = v / v.norm()
         u = F.conv2d(v, weight, stride=stride, padding=padding, groups=groups)
-        v = F.conv_transpose2d(u, weight, stride=stride, padding=padding, output_padding=output_padding,
-                               groups=groups)
+        v = conv_adjoint(u, weight, shape, stride, padding, groups)
     v = v / v.norm()
     u = F.conv2d(v, weight, stride=stride, padding=padding, groups=groups)
     return u.norm().item(), tuple(u.shape[1:])
