@@ -27,10 +27,12 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore `rng_state()`. A checkpoint loaded onto a GPU (map_location) brings these tensors there
+    too; every generator state is a CPU tensor, so each is copied back first."""
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     np_state = state["numpy"]
-    np.random.set_state((np_state["name"], np_state["keys"].numpy().astype(np.uint32),
+    np.random.set_state((np_state["name"], np_state["keys"].cpu().numpy().astype(np.uint32),
                          np_state["pos"], np_state["has_gauss"], np_state["gauss"]))
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():

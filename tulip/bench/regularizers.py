@@ -248,7 +248,7 @@ def main(argv: list[str]) -> None:
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    names = args.only or options()
+    names = list(args.only or options())
     unknown = set(names) - set(options())
     if unknown:
         raise SystemExit(f"unknown regularizer(s) {sorted(unknown)}; known: {', '.join(options())}")
@@ -266,8 +266,17 @@ def main(argv: list[str]) -> None:
     y = torch.randint(0, 10, (args.batch_size,), device=device)
 
     variants = {}  # (name, "tulip" | "hand") -> loss function of (model, x, y)
-    for name in names:
-        objective, reg, hand = build_objective(regs[name]), regs[name], hand_written(name)
+    skipped = {}  # name -> why this model cannot train with it (GloRo needs a BatchNorm-free chain)
+    for name in list(names):
+        try:
+            objective = build_objective(regs[name], model)
+        except ValueError as error:  # build_objective names the reg.* key the model fails
+            if args.only:
+                raise SystemExit(f"regularizer={name} with model={args.model}: {error}")
+            skipped[name] = str(error)
+            names.remove(name)
+            continue
+        reg, hand = regs[name], hand_written(name)
         variants[name, "tulip"] = lambda m, x, y, objective=objective: objective(m, x, y).loss
         if hand is not None:
             variants[name, "hand"] = lambda m, x, y, reg=reg, hand=hand: hand(m, x, y, reg)
@@ -319,3 +328,5 @@ def main(argv: list[str]) -> None:
     for name in names:
         print(f"| {name} | {median[name, 'tulip']:.2f} | {cell(ratios.get((name, 'hand'), []), 2)} | "
               f"{cell(pair[name], 3)} | {target(name, regs[name])} |")
+    for name, why in skipped.items():
+        print(f"\nnot timed: {name} cannot train {type(model).__name__} ({why}); time it with --model cnn_4c3f")
