@@ -94,6 +94,15 @@ def test_unknown_group_option_lists_the_options():
     ("wandb.mode=sometimes", "wandb.mode"),
     ("mode=evaluate", "run_dir"),
     ("batch_size=100000", "batch_size"),
+    # beyond a sign: non-finite, huge and wrongly typed values (tests/test_fuzz.py draws many more)
+    ("optim.lr=inf", "optim.lr"),
+    ("optim.lr=1e300", "optim.lr"),
+    ("scheduler.gamma=inf", "scheduler.gamma"),
+    ("scheduler.milestones=5", "scheduler.milestones"),
+    ("epochs=1000000000000", "epochs"),
+    ("seed=-1", "seed"),
+    ("wandb.init_timeout_s=0", "wandb.init_timeout_s"),
+    ("wandb.finish_timeout_s=-1", "wandb.finish_timeout_s"),
 ])
 def test_bad_values_fail_before_any_output(override, key, tmp_path):
     cfg = compose_config(override)

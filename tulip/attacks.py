@@ -24,6 +24,7 @@ import foolbox
 import torch
 
 from tulip.metric_keys import NORMS
+from tulip.objective import boolean, nonnegative, positive, positive_int
 from tulip.perturbations import frozen_eval
 
 
@@ -112,7 +113,8 @@ def attack_distances(attack: Attack, model: torch.nn.Module, x: torch.Tensor, y:
 def fgsm(random_start: bool = False) -> FixedEpsilonAttack:
     """FGSM, the fast gradient sign method (Goodfellow, Shlens & Szegedy, ICLR 2015, arXiv
     1412.6572). L∞, fixed ε: one step x + ε·sign(∇ℓ). Default: random_start=False."""
-    return FixedEpsilonAttack(foolbox.attacks.LinfFastGradientAttack(random_start=random_start), "linf")
+    return FixedEpsilonAttack(foolbox.attacks.LinfFastGradientAttack(
+        random_start=boolean("random_start", random_start)), "linf")
 
 
 def pgd_linf(steps: int = 40, rel_stepsize: float = 1 / 30,
@@ -120,21 +122,24 @@ def pgd_linf(steps: int = 40, rel_stepsize: float = 1 / 30,
     """L∞ projected gradient descent (Madry et al., ICLR 2018, arXiv 1706.06083). L∞, fixed ε.
     Defaults: steps=40, step size rel_stepsize·ε with rel_stepsize=0.0333, random_start=True."""
     return FixedEpsilonAttack(foolbox.attacks.LinfProjectedGradientDescentAttack(
-        steps=steps, rel_stepsize=rel_stepsize, random_start=random_start), "linf")
+        steps=positive_int("steps", steps), rel_stepsize=positive("rel_stepsize", rel_stepsize),
+        random_start=boolean("random_start", random_start)), "linf")
 
 
 def pgd_l2(steps: int = 50, rel_stepsize: float = 0.025, random_start: bool = True) -> FixedEpsilonAttack:
     """L2 projected gradient descent (Madry et al., ICLR 2018, arXiv 1706.06083). L2, fixed ε.
     Defaults: steps=50, step size rel_stepsize·ε with rel_stepsize=0.025, random_start=True."""
     return FixedEpsilonAttack(foolbox.attacks.L2ProjectedGradientDescentAttack(
-        steps=steps, rel_stepsize=rel_stepsize, random_start=random_start), "l2")
+        steps=positive_int("steps", steps), rel_stepsize=positive("rel_stepsize", rel_stepsize),
+        random_start=boolean("random_start", random_start)), "l2")
 
 
 def ddn(steps: int = 50, init_epsilon: float = 1.0, gamma: float = 0.05) -> MinimizationAttack:
     """Decoupled Direction and Norm (Rony et al., CVPR 2019, arXiv 1811.09600). L2, minimisation.
     Defaults: steps=50, init_epsilon=1.0 (initial norm), gamma=0.05 (norm change per step)."""
     return MinimizationAttack(foolbox.attacks.DDNAttack(
-        steps=steps, init_epsilon=init_epsilon, gamma=gamma), "l2")
+        steps=positive_int("steps", steps), init_epsilon=positive("init_epsilon", init_epsilon),
+        gamma=nonnegative("gamma", gamma)), "l2")
 
 
 def cw_l2(binary_search_steps: int = 5, steps: int = 100, stepsize: float = 0.01,
@@ -143,8 +148,10 @@ def cw_l2(binary_search_steps: int = 5, steps: int = 100, stepsize: float = 0.01
     Defaults: binary_search_steps=5 (over the constant c), steps=100 (Adam steps per c),
     stepsize=0.01, confidence=0, initial_const=0.001. Foolbox's own defaults (9, 10000) are far slower."""
     return MinimizationAttack(foolbox.attacks.L2CarliniWagnerAttack(
-        binary_search_steps=binary_search_steps, steps=steps, stepsize=stepsize,
-        confidence=confidence, initial_const=initial_const), "l2")
+        binary_search_steps=positive_int("binary_search_steps", binary_search_steps),
+        steps=positive_int("steps", steps), stepsize=positive("stepsize", stepsize),
+        confidence=nonnegative("confidence", confidence), initial_const=positive("initial_const", initial_const)),
+        "l2")
 
 
 def deepfool_l2(steps: int = 50, candidates: int = 10, overshoot: float = 0.02) -> MinimizationAttack:
@@ -152,14 +159,16 @@ def deepfool_l2(steps: int = 50, candidates: int = 10, overshoot: float = 0.02) 
     by repeated linearisation of the decision boundary. Defaults: steps=50, candidates=10 (classes
     considered), overshoot=0.02."""
     return MinimizationAttack(foolbox.attacks.L2DeepFoolAttack(
-        steps=steps, candidates=candidates, overshoot=overshoot), "l2")
+        steps=positive_int("steps", steps), candidates=positive_int("candidates", candidates),
+        overshoot=nonnegative("overshoot", overshoot)), "l2")
 
 
 def deepfool_linf(steps: int = 50, candidates: int = 10, overshoot: float = 0.02) -> MinimizationAttack:
     """DeepFool (Moosavi-Dezfooli, Fawzi & Frossard, CVPR 2016, arXiv 1511.04599), L∞ variant.
     L∞, minimisation. Defaults: steps=50, candidates=10, overshoot=0.02."""
     return MinimizationAttack(foolbox.attacks.LinfDeepFoolAttack(
-        steps=steps, candidates=candidates, overshoot=overshoot), "linf")
+        steps=positive_int("steps", steps), candidates=positive_int("candidates", candidates),
+        overshoot=nonnegative("overshoot", overshoot)), "linf")
 
 
 def fmn_l2(steps: int = 100, max_stepsize: float = 1.0, gamma: float = 0.05,
@@ -167,8 +176,9 @@ def fmn_l2(steps: int = 100, max_stepsize: float = 1.0, gamma: float = 0.05,
     """Fast Minimum-Norm attack (Pintor et al., NeurIPS 2021, arXiv 2102.12827). L2, minimisation.
     Defaults: steps=100, max_stepsize=1.0, gamma=0.05 (norm step), binary_search_steps=10."""
     return MinimizationAttack(foolbox.attacks.L2FMNAttack(
-        steps=steps, max_stepsize=max_stepsize, gamma=gamma,
-        binary_search_steps=binary_search_steps), "l2")
+        steps=positive_int("steps", steps), max_stepsize=positive("max_stepsize", max_stepsize),
+        gamma=nonnegative("gamma", gamma),
+        binary_search_steps=positive_int("binary_search_steps", binary_search_steps)), "l2")
 
 
 def fmn_linf(steps: int = 100, max_stepsize: float = 1.0, gamma: float = 0.05,
@@ -176,8 +186,9 @@ def fmn_linf(steps: int = 100, max_stepsize: float = 1.0, gamma: float = 0.05,
     """Fast Minimum-Norm attack (Pintor et al., NeurIPS 2021, arXiv 2102.12827). L∞, minimisation.
     Defaults: steps=100, max_stepsize=1.0, gamma=0.05, binary_search_steps=10."""
     return MinimizationAttack(foolbox.attacks.LInfFMNAttack(
-        steps=steps, max_stepsize=max_stepsize, gamma=gamma,
-        binary_search_steps=binary_search_steps), "linf")
+        steps=positive_int("steps", steps), max_stepsize=positive("max_stepsize", max_stepsize),
+        gamma=nonnegative("gamma", gamma),
+        binary_search_steps=positive_int("binary_search_steps", binary_search_steps)), "linf")
 
 
 def boundary(steps: int = 1000, spherical_step: float = 0.01, source_step: float = 0.01,
@@ -188,6 +199,7 @@ def boundary(steps: int = 1000, spherical_step: float = 0.01, source_step: float
     source_step=0.01, step_adaptation=1.5. Images whose noise start is not adversarial count as
     failures."""
     return MinimizationAttack(foolbox.attacks.BoundaryAttack(
-        steps=steps, spherical_step=spherical_step, source_step=source_step,
-        step_adaptation=step_adaptation), "l2")
+        steps=positive_int("steps", steps), spherical_step=positive("spherical_step", spherical_step),
+        source_step=positive("source_step", source_step),
+        step_adaptation=positive("step_adaptation", step_adaptation)), "l2")
 

@@ -18,7 +18,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from tulip.metric_keys import TEST_ERROR
-from tulip.run_folder import RunFolder
+from tulip.run_folder import RunFolder, RunFolderError
 
 
 def collect_jobs(sweep_dir: Path) -> list[dict]:
@@ -29,7 +29,10 @@ def collect_jobs(sweep_dir: Path) -> list[dict]:
     folders.sort(key=lambda f: (not f.name.isdigit(), int(f.name) if f.name.isdigit() else 0, f.name))
     jobs = []
     for folder in folders:
-        summary = RunFolder(folder).read_summary()
+        try:
+            summary = RunFolder(folder).read_summary()
+        except RunFolderError as error:  # listed as unreadable, never a crash of the sweep's last step
+            summary = {"status": "unreadable", "error": str(error)}
         overrides = summary.get("overrides")
         if overrides is None and (folder / ".hydra" / "overrides.yaml").is_file():
             overrides = list(OmegaConf.load(folder / ".hydra" / "overrides.yaml"))

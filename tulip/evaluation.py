@@ -28,10 +28,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig
 
 from tulip import bounds, metric_keys, neighbours
-from tulip.config import ConfigError
+from tulip.config import LARGEST, NONNEGATIVE, ConfigError
 from tulip.data import Data
 from tulip.lipschitz import last_layer, layer_norm_bound, layer_norm_estimate
 from tulip.metric_keys import NORMS
+from tulip.objective import ArgumentError
 from tulip.perturbations import frozen_eval
 from tulip.run_folder import RunFolder
 
@@ -79,10 +80,13 @@ def _attack_settings(spec: DictConfig) -> AttackSettings:
     epsilons = {}
     for norm in NORMS:
         eps = spec.epsilons.get(norm)
+        # 0 <= e <= LARGEST is False for NaN and ±inf: a robust error at ε = inf says nothing, and
+        # fixed-ε attacks would step by it.
         if not (isinstance(eps, ListConfig) and len(eps) > 0
-                and all(isinstance(e, (int, float)) and not isinstance(e, bool) and e >= 0 for e in eps)):
-            raise ConfigError(f"attack.epsilons.{norm}={eps!r} is invalid: expected a non-empty list "
-                              f"of numbers >= 0")
+                and all(isinstance(e, (int, float)) and not isinstance(e, bool) and 0 <= e <= LARGEST
+                        for e in eps)):
+            raise ConfigError(f"attack.epsilons.{norm}={eps!r} is invalid: expected a non-empty list, "
+                              f"each {NONNEGATIVE}")
         epsilons[norm] = [float(e) for e in eps]
     return AttackSettings(spec.n, spec.batch_size, epsilons)
 
@@ -96,6 +100,10 @@ def _build_attacks(methods: DictConfig) -> dict[str, Attack]:
         try:
             attacks[name] = instantiate(node)
         except Exception as error:  # Hydra wraps the TypeError of a misspelt parameter
+            bad = error.__cause__ if isinstance(error.__cause__, ArgumentError) else None
+            if bad is not None:  # a factory's own check: name the full key
+                raise ConfigError(f"attack.methods.{name}.{bad.argument}={bad.value!r} is invalid: "
+                                  f"expected {bad.expected}") from error
             raise ConfigError(f"attack.methods.{name} is invalid: {error}") from error
     return attacks
 

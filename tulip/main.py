@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from tulip.config import validate
 from tulip.evaluation import build_evaluation
 from tulip.modes import evaluate_run, summarize_run
-from tulip.run_folder import RunFolder
+from tulip.run_folder import RunFolder, RunFolderError
 from tulip.tracking import RunContext
 from tulip.train import train
 
@@ -42,13 +42,15 @@ def run(cfg: DictConfig, run_dir: Path | str | None = None,
     try:
         validate(cfg)
         evaluation = build_evaluation(cfg)
-        if cfg.mode == "evaluate":
-            return evaluate_run(cfg, evaluation)
-        if cfg.mode == "summary":
-            return summarize_run(cfg)
+        if cfg.mode in ("evaluate", "summary"):
+            with RunFolder(cfg.run_dir).writer_lock(create=False):
+                return evaluate_run(cfg, evaluation) if cfg.mode == "evaluate" else summarize_run(cfg)
         if run_dir is None:
             raise ValueError("run(cfg) outside Hydra needs run_dir")
-        return train(cfg, RunFolder(run_dir), context, evaluation)
+        with RunFolder(run_dir).writer_lock() as folder:
+            return train(cfg, folder, context, evaluation)
+    except RunFolderError:
+        raise  # the folder is another process's, damaged or not writable: leave it as it is
     except Exception as error:
         # A job that could not start (or failed before its first summary) says so in its folder;
         # an existing summary.json (another run's, or this job's last attempt) is never overwritten.

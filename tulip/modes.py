@@ -40,6 +40,7 @@ def evaluate_run(cfg: DictConfig, evaluation: Evaluation) -> dict[str, float]:
         raise ConfigError("mode=evaluate has nothing to do: set attack=<name> (e.g. attack=[ddn,pgd_l2]), "
                           "eval.bounds=true and/or eval.nn=true")
     run = _load(cfg)
+    run.folder.read_summary()  # a damaged summary.json stops here, not after the evaluation's work
     metrics = evaluation(run.model, run.data, run.folder)
     run.folder.write_summary(metrics, merge=True, drop_prefixes=evaluation.families)
     print_table(f"evaluate {run.folder.path}", metrics)

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from tulip.config import LARGEST, NONNEGATIVE, POSITIVE, SMALLEST
 from tulip.metric_keys import penalty as penalty_key
 
 Model = torch.nn.Module
@@ -40,21 +41,38 @@ class ArgumentError(ValueError):
         self.argument, self.value, self.expected = argument, value, expected
 
 
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# Comparisons with NaN are False, so each range check below rejects NaN as well as ±inf and values
+# beyond LARGEST or (for positive ones) below SMALLEST, which float32 cannot use (see tulip.config).
 def nonnegative(argument: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:  # rejects NaN too
-        raise ArgumentError(argument, value, "a number >= 0")
+    if not (_is_real(value) and 0 <= value <= LARGEST):
+        raise ArgumentError(argument, value, NONNEGATIVE)
     return float(value)
 
 
 def positive(argument: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ArgumentError(argument, value, "a number > 0")
+    if not (_is_real(value) and SMALLEST <= value <= LARGEST):
+        raise ArgumentError(argument, value, POSITIVE)
     return float(value)
 
 
+# Inner iterations per training step (PGD steps, power iterations): beyond this a run never finishes.
+MAX_ITERATIONS = 100_000
+
+
 def positive_int(argument: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ArgumentError(argument, value, "an integer >= 1")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_ITERATIONS:
+        raise ArgumentError(argument, value, f"an integer in [1, {MAX_ITERATIONS}]")
+    return value
+
+
+def boolean(argument: str, value) -> bool:
+    """A switch: true or false only, so that a typo ('ture', 0.5, []) is not read as truthy or falsy."""
+    if not isinstance(value, bool):
+        raise ArgumentError(argument, value, "true or false")
     return value
 
 

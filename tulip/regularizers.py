@@ -26,8 +26,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from tulip.objective import (ArgumentError, BatchChoice, Model, Penalty, TrainingBatch, nonnegative, norm_order,
-                             positive, positive_int)
+from tulip.objective import (ArgumentError, BatchChoice, Model, Penalty, TrainingBatch, boolean, nonnegative,
+                             norm_order, positive, positive_int)
 from tulip.perturbations import (frozen_eval, l2_direction, loss_input_grad, max_entry_direction, pgd_l2,
                                  pgd_linf, sign_direction)
 
@@ -63,7 +63,7 @@ class PGDBatch(BatchChoice):
         attack = pgd_linf if norm_order("norm", norm, allowed=(2.0, math.inf)) == math.inf else pgd_l2
         self.attack = functools.partial(attack, eps=self.eps, steps=positive_int("steps", steps),
                                         step_size=positive("step_size", step_size),
-                                        random_start=bool(random_start))
+                                        random_start=boolean("random_start", random_start))
 
     def __call__(self, model: Model, x: torch.Tensor, y: torch.Tensor):
         with frozen_eval(model):

@@ -13,13 +13,21 @@
 Jobs are killed at any moment (preemption, time limits) while sweeps and reports read these files, so
 every file is written to a temporary file in the same folder and renamed over the old one: a reader sees
 the old complete file or the new complete file, never half of one. Checkpoints are read with
-``weights_only=True``, so a checkpoint holds tensors and plain data but never runs pickled code.
+``weights_only=True``, so a checkpoint holds tensors and plain data but never runs pickled code. One
+process at a time writes a folder (`RunFolder.writer_lock`). A file that cannot be read is reported with
+its path and left as it is.
 """
+import contextlib
 import csv
+import fcntl
 import json
+import logging
 import math
 import os
+import socket
 import tempfile
+import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, IO
@@ -31,17 +39,36 @@ from omegaconf import DictConfig, OmegaConf
 from tulip.config import ConfigError
 from tulip.data import Data, load_dataset
 
+log = logging.getLogger(__name__)
+
+
+class RunFolderError(RuntimeError):
+    """A run folder that cannot be used as it is; the message names the file and what to do."""
+
+
+TEMPORARY_SUFFIX = ".tmp"
+
 
 def replace_atomically(path: Path, write: Callable[[IO], None], binary: bool = False) -> None:
-    """Write `path` through `write(file)` into a temporary sibling, then rename it over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write `path` through `write(file)` into a temporary sibling, then rename it over `path`.
+
+    A failed write (disk full, quota) removes the temporary file and leaves `path` as it was.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX)
+    except OSError as error:
+        raise RunFolderError(f"cannot write {path}: {error}") from error
     try:
         with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"newline": ""})) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as error:
+        Path(tmp).unlink(missing_ok=True)
+        kept = f"the previous {path.name} is intact" if path.exists() else f"no {path.name} was written"
+        raise RunFolderError(f"cannot write {path} ({error.strerror or error}); {kept}") from error
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -57,7 +84,16 @@ def finite_or_none(metrics: dict) -> dict:
 
 
 def read_json(path: Path) -> dict:
-    return json.loads(path.read_text())
+    """A JSON object from `path`; a damaged file is a RunFolderError naming it (and left as it is)."""
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise RunFolderError(f"{path} is not valid JSON ({error}); it was left as it is: repair or "
+                             f"delete it, then run again") from error
+    if not isinstance(value, dict):
+        raise RunFolderError(f"{path} holds a {type(value).__name__}, not a JSON object; it was left as "
+                             f"it is: repair or delete it, then run again")
+    return value
 
 
 @dataclass(frozen=True)
@@ -86,6 +122,51 @@ class RunFolder:
     def csv_file(self, name: str) -> Path:
         return self.path / f"{name}.csv"
 
+    @property
+    def lock_file(self) -> Path:
+        return self.path / ".tulip.lock"
+
+    # --- one writer ---------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def writer_lock(self, create: bool = True):
+        """Hold the folder's lock while this process writes it; a second writer fails at once.
+
+        The lock is an flock, which the kernel drops when its process dies: a run killed by SIGKILL or
+        a node failure leaves no stuck lock, and the next run takes the folder over. The lock file
+        names its holder for the second writer's message. Temporary files that killed writers left
+        behind are removed once the lock is held, when no other process can be writing them.
+        `create=False` is for an existing run (mode=evaluate/summary): a missing folder is an error.
+        """
+        if not create and not self.path.is_dir():
+            raise FileNotFoundError(f"run_dir={self.path}: no such folder")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise RunFolderError(f"cannot write the run folder {self.path}: {error}") from error
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise RunFolderError(f"{self.path} is being written by another Tulip run ({holder}); "
+                                 f"refusing to start a second writer. Wait for it to end, stop it, or "
+                                 f"use another output folder (hydra.run.dir)") from None
+        except OSError as error:  # a filesystem without locks (e.g. Lustre mounted without flock)
+            log.warning("cannot lock %s (%s): a second run started on this folder would not be stopped",
+                        self.lock_file, error)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since "
+                          f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+            for stale in [*self.path.glob(f".*{TEMPORARY_SUFFIX}"),
+                          *self.checkpoint("last").parent.glob(f".*{TEMPORARY_SUFFIX}")]:
+                stale.unlink(missing_ok=True)
+            yield self
+        finally:
+            os.close(fd)  # releases the flock
+
     # --- checkpoints --------------------------------------------------------------------------------
 
     def save_checkpoint(self, state: dict, which: str) -> None:
@@ -96,9 +177,14 @@ class RunFolder:
         if not path.is_file():
             raise FileNotFoundError(f"no checkpoint at {path}")
         try:
+            # torch.load reads damaged tensor bytes without complaint; the zip records' CRC-32s catch it
+            damaged = zipfile.ZipFile(path).testzip()
+            if damaged is not None:
+                raise ValueError(f"its record {damaged} fails its CRC check: the file is corrupted")
             return torch.load(path, map_location=device, weights_only=True)
-        except Exception as error:  # a truncated or foreign file: say which file
-            raise RuntimeError(f"cannot read checkpoint {path}: {error}") from error
+        except Exception as error:  # truncated, corrupted, or a pickle that would run code
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise RunFolderError(f"cannot read checkpoint {path} ({reason}); it was left as it is") from error
 
     # --- metrics.jsonl ------------------------------------------------------------------------------
 

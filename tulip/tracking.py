@@ -2,10 +2,14 @@
 
 The files (metrics.jsonl, summary.json: tulip.run_folder) are the record of truth. W&B is offline by
 default (no account, no network) and `wandb.mode=disabled` turns it into a no-op run, so the code
-below never branches on whether W&B is on.
+below never branches on whether W&B is on. W&B never fails a job: an online run that cannot reach
+its server within `wandb.init_timeout_s` becomes an offline run, and any other W&B error (at start,
+log or finish) is one warning, after which the job goes on without W&B.
 """
 import logging
 import os
+import secrets
+import string
 from dataclasses import dataclass, field
 
 import wandb
@@ -25,6 +29,14 @@ class RunContext:
     sweep_dir: str | None = None  # the multirun folder, None for a single run
 
 
+RUN_ID_LENGTH = 8
+
+
+def _new_run_id() -> str:
+    """An id like W&B's own (8 of [a-z0-9]); `secrets` leaves the seeded random generators alone."""
+    return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(RUN_ID_LENGTH))
+
+
 class Tracker:
     """The W&B run of one attempt of one job.
 
@@ -35,7 +47,9 @@ class Tracker:
 
     def __init__(self, cfg: DictConfig, folder: RunFolder, context: RunContext):
         wandb_dir = folder.wandb_dir
-        previous_attempts = len(list(wandb_dir.glob("*run-*"))) if wandb_dir.is_dir() else 0
+        # Folders [offline-]run-<time>-<id>; an attempt that fell back to offline left two, with
+        # ids <id> and <id>offline (W&B refuses to reuse the id of the run that failed to start).
+        previous_attempts = len({p.name.rsplit("-", 1)[-1][:RUN_ID_LENGTH] for p in wandb_dir.glob("*run-*")})
         wandb_dir.mkdir(parents=True, exist_ok=True)
         name = cfg.wandb.name or ",".join(context.overrides) or "defaults"
         if previous_attempts:
@@ -47,45 +61,68 @@ class Tracker:
         config["overrides"] = list(context.overrides)
         config["choices"] = dict(context.choices)
         self.broken = False
-        self.run = wandb.init(mode=cfg.wandb.mode, project=cfg.wandb.project, entity=cfg.wandb.entity,
-                              group=group, name=name, tags=[t[:64] for t in tags], config=config,
-                              dir=str(folder.path), reinit="finish_previous")
-        self.run.define_metric(metric_keys.EPOCH)
-        for prefix in metric_keys.EPOCH_PREFIXES:
-            self.run.define_metric(f"{prefix}*", step_metric=metric_keys.EPOCH)
-        self.run.define_metric(metric_keys.LR, step_metric=metric_keys.EPOCH)
-        # The W&B summary of test error keeps its best (min) and its final value.
-        self.run.define_metric(metric_keys.TEST_ERROR, step_metric=metric_keys.EPOCH, summary="min,last")
+        self.run = self._mirror(lambda: self._start(
+            cfg.wandb.mode, float(cfg.wandb.init_timeout_s), float(cfg.wandb.finish_timeout_s),
+            project=cfg.wandb.project,
+            entity=cfg.wandb.entity, group=group, name=name, tags=[t[:64] for t in tags], config=config,
+            dir=str(folder.path), reinit="finish_previous", id=_new_run_id()))
 
-    def _mirror(self, call, *args, **kwargs) -> None:
-        """W&B only mirrors the files. If its service dies (SLURM sends SIGTERM to every process of
-        a requeued or preempted job, wandb-core included), warn once and stop mirroring instead of
-        failing the training or masking the exception that is already ending it."""
-        if self.broken:
-            return
+    @staticmethod
+    def _start(mode: str, timeout: float, finish_timeout: float, **init):
+        # quiet also skips the login's account lookup (for its "logged in as" line), which
+        # init_timeout does not bound: 10 s more against an unreachable server. finish_timeout bounds
+        # the upload at the end of an online run whose network went away (unsent data stays on disk).
+        settings = wandb.Settings(init_timeout=timeout, finish_timeout=finish_timeout, quiet=True)
         try:
-            call(*args, **kwargs)
+            run = wandb.init(mode=mode, settings=settings, **init)
+        except Exception as error:
+            if mode != "online":
+                raise
+            run = wandb.init(mode="offline", settings=settings, **{**init, "id": init["id"] + "offline"})
+            log.warning("W&B could not start an online run (%s: %s; wandb.init_timeout_s=%g); this run "
+                        "logs offline instead: upload it later with `wandb sync %s`", type(error).__name__,
+                        str(error).partition("\n")[0], timeout, run.settings.sync_dir)
+        run.define_metric(metric_keys.EPOCH)
+        for prefix in metric_keys.EPOCH_PREFIXES:
+            run.define_metric(f"{prefix}*", step_metric=metric_keys.EPOCH)
+        run.define_metric(metric_keys.LR, step_metric=metric_keys.EPOCH)
+        # The W&B summary of test error keeps its best (min) and its final value.
+        run.define_metric(metric_keys.TEST_ERROR, step_metric=metric_keys.EPOCH, summary="min,last")
+        return run
+
+    def _mirror(self, call):
+        """W&B only mirrors the files. If it cannot start or its service dies (SLURM sends SIGTERM to
+        every process of a requeued or preempted job, wandb-core included), warn once and stop
+        mirroring instead of failing the training or masking the exception that is already ending it."""
+        if self.broken:
+            return None
+        try:
+            return call()
         except Exception as error:
             self.broken = True
             log.warning("W&B stopped (%s: %s); metrics.jsonl and summary.json go on",
                         type(error).__name__, error)
+            return None
 
     def log(self, metrics: dict) -> None:
-        self._mirror(self.run.log, finite_or_none(metrics))
+        self._mirror(lambda: self.run.log(finite_or_none(metrics)))
 
     def log_table(self, key: str, columns: list[str], rows: list[list],
                   line: tuple[str, str, str] | None = None) -> None:
         """Log a table; with line=(x, y, title) also a W&B line plot of column y against x."""
-        table = wandb.Table(columns=columns, data=rows)
-        entries = {key: table}
-        if line is not None:
-            x, y, title = line
-            entries[f"{key}_plot"] = wandb.plot.line(table, x, y, title=title)
-        self._mirror(self.run.log, entries)
+        def log_entries():
+            table = wandb.Table(columns=columns, data=rows)
+            entries = {key: table}
+            if line is not None:
+                x, y, title = line
+                entries[f"{key}_plot"] = wandb.plot.line(table, x, y, title=title)
+            self.run.log(entries)
+        self._mirror(log_entries)
 
     def finish(self, summary: dict, failed: bool) -> None:
         epoch_keys = {metric_keys.TEST_ERROR}  # their W&B summary is set by define_metric above
-        self._mirror(self.run.summary.update, {k: v for k, v in finite_or_none(summary).items()
-                                               if k not in epoch_keys})
-        self.broken = False  # finish() even after a failed log: it closes the run's files
-        self._mirror(self.run.finish, exit_code=1 if failed else 0)
+        self._mirror(lambda: self.run.summary.update(
+            {k: v for k, v in finite_or_none(summary).items() if k not in epoch_keys}))
+        # finish() even after a failed log, as it closes the run's files; not when there is no run
+        self.broken = self.run is None
+        self._mirror(lambda: self.run.finish(exit_code=1 if failed else 0))

@@ -23,7 +23,7 @@ from tulip.config import ConfigError, resolve_device
 from tulip.data import Data, load_dataset
 from tulip.measures import measure
 from tulip.objective import build_objective
-from tulip.run_folder import RunFolder, build_model
+from tulip.run_folder import RunFolder, RunFolderError, build_model
 from tulip.seeding import rng_state, seed_everything, set_rng_state
 from tulip.tracking import RunContext, Tracker
 
@@ -34,7 +34,8 @@ log = logging.getLogger(__name__)
 
 # Config sections that do not change what training computes: a run may be resumed (or re-evaluated)
 # with different values of these.
-NOT_TRAINING_STATE = ("wandb", "attack", "eval", "mode", "run_dir")
+# The device changes rounding, not the math: a GPU job may go on on the CPU and back.
+NOT_TRAINING_STATE = ("wandb", "attack", "eval", "mode", "run_dir", "device")
 
 
 class Diverged(Exception):
@@ -53,6 +54,25 @@ class TrainState:
 
 def _training_config(config: dict) -> dict:
     return {k: v for k, v in config.items() if k not in NOT_TRAINING_STATE}
+
+
+# What a rerun in a finished run's folder must match to be skipped: everything but where and how it
+# is shown (a changed attack or eval section re-runs the final evaluation).
+NOT_REQUESTED = ("wandb", "mode", "run_dir", "device")
+
+
+def _checkpoint_to_resume(folder: RunFolder, device: torch.device) -> dict:
+    """checkpoints/last.pt, once best.pt (which the final evaluation loads) has been read too. A file that
+    cannot be read stops the run with what to do; neither is touched."""
+    for which in ("best", "last"):
+        try:
+            saved = folder.load_checkpoint(which, device)
+        except (RunFolderError, FileNotFoundError) as error:
+            raise RunFolderError(
+                f"{error}. To resume from the other checkpoint, copy it over this one (the epochs after it "
+                f"are recomputed identically); to start over, use another output folder (hydra.run.dir)"
+            ) from error
+    return saved
 
 
 def _differing_keys(old, new, prefix="") -> list[str]:
@@ -117,8 +137,8 @@ def train(cfg: DictConfig, folder: RunFolder, context: RunContext, evaluate: Fin
     seed_everything(cfg.seed)
     data = load_dataset(cfg.dataset, device)
     if len(data.train_y) < cfg.batch_size:
-        raise ConfigError(f"batch_size={cfg.batch_size} is invalid: the training set has only "
-                          f"{len(data.train_y)} images")
+        raise ConfigError(f"batch_size={cfg.batch_size} is invalid: the training set of dataset "
+                          f"{cfg.dataset._target_} has only {len(data.train_y)} images")
     model = build_model(cfg, data, device)
     objective = build_objective(cfg.reg, model)  # its ValueError names the reg.* key
     optimizer = _build(cfg.optim, "optim", model.parameters())
@@ -128,7 +148,7 @@ def train(cfg: DictConfig, folder: RunFolder, context: RunContext, evaluate: Fin
     folder.path.mkdir(parents=True, exist_ok=True)
     state = TrainState()
     if folder.checkpoint("last").exists():
-        saved = folder.load_checkpoint("last", device)
+        saved = _checkpoint_to_resume(folder, device)
         changed = _differing_keys(_training_config(saved["config"]), _training_config(config))
         if changed:
             raise ConfigError(f"{folder.path} holds a checkpoint of a run with a different config "
@@ -141,6 +161,13 @@ def train(cfg: DictConfig, folder: RunFolder, context: RunContext, evaluate: Fin
         set_rng_state(saved["rng"])
         state = TrainState(saved["epoch"], saved["best_error"], saved["best_epoch"], list(saved["history"]))
         log.info("resuming %s from epoch %d", folder.path, state.epoch)
+        finished = folder.read_summary()
+        if (state.epoch == cfg.epochs and finished.get("status") == "finished"
+                and not _differing_keys(*({k: v for k, v in c.items() if k not in NOT_REQUESTED}
+                                          for c in (saved["config"], config)))):
+            log.info("%s already holds this finished run: nothing to do (mode=evaluate run_dir=%s "
+                     "re-evaluates it)", folder.path, folder.path)
+            return {k: v for k, v in finished.items() if k not in ("status", "overrides", "error")}
     folder.write_metrics_history(state.history)
 
     tracker = Tracker(cfg, folder, context)
@@ -150,6 +177,7 @@ def train(cfg: DictConfig, folder: RunFolder, context: RunContext, evaluate: Fin
     summary = {"status": "failed", "epoch": state.epoch, "overrides": list(context.overrides),
                "time/job_start": job_start}
     final: dict = {}
+    ending_error = None
     try:
         summary["time/first_step"] = time.time()
         for epoch in range(state.epoch + 1, cfg.epochs + 1):
@@ -194,8 +222,14 @@ def train(cfg: DictConfig, folder: RunFolder, context: RunContext, evaluate: Fin
         return final
     except BaseException as error:
         summary.update({"epoch": state.epoch, "error": f"{type(error).__name__}: {error}"})
+        ending_error = error
         raise
     finally:
         summary["time/total_s"] = time.time() - job_start
-        folder.write_summary(summary)
+        try:
+            folder.write_summary(summary)
+        except RunFolderError as error:
+            if ending_error is None:
+                raise
+            log.error("%s", error)  # the disk may be full: the error that ended the run stays the one raised
         tracker.finish(summary, failed=summary["status"] != "finished")

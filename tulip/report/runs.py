@@ -1,7 +1,6 @@
 """Finding and reading the run folders of a sweep: overrides, Hydra's record, summary.json, metrics.jsonl
 and, for a summary without robust-error curves, the per-image distances of attacks.csv and bounds.csv."""
 import csv
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,7 +9,7 @@ import numpy as np
 import yaml
 
 from tulip import metric_keys
-from tulip.run_folder import RunFolder
+from tulip.run_folder import RunFolder, RunFolderError
 
 # Per-image columns of attacks.csv and bounds.csv that are not distances of an attack or certificate:
 # the image itself, the first/second-order estimates (lower-bound guesses, not attacks) and the global
@@ -110,10 +109,8 @@ def read_run(path: Path) -> Run:
     else:
         try:
             summary = folder.read_summary()
-            if not isinstance(summary, dict):
-                problem, summary = "summary.json is not a JSON object", {}
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            problem = f"summary.json is not valid JSON (half-written?): {error}"
+        except RunFolderError as error:
+            problem = str(error)
 
     overrides = parse_overrides(overrides_file if overrides_file is not None else summary.get("overrides"))
     status = "unreadable" if problem else str(summary.get("status", "unknown"))
