@@ -102,6 +102,8 @@ def test_unknown_group_option_lists_the_options():
     ("epochs=1000000000000", "epochs"),
     ("seed=-1", "seed"),
     ("wandb.init_timeout_s=0", "wandb.init_timeout_s"),
+    ("eval.every=0", "eval.every"),
+    ("eval.n=0", "eval.n"),
     ("wandb.finish_timeout_s=-1", "wandb.finish_timeout_s"),
 ])
 def test_bad_values_fail_before_any_output(override, key, tmp_path):

@@ -69,8 +69,8 @@ def test_zero_radius_is_plain_cross_entropy_and_combines_with_other_penalties():
 
 @pytest.mark.parametrize("overrides, message", [
     (["regularizer=gloro", "reg.gloro=-0.1"], r"reg\.gloro=-0\.1 is invalid"),
-    (["regularizer=gloro"], r"reg\.gloro=0\.45 is invalid: expected a model that is a chain .* CNNSmall contains ConvBN"),
-    (["regularizer=gloro", "model=cnn_4c3f", "model.tanh=true"], r"reg\.gloro=0\.45 is invalid: .*BoundedHead"),
+    (["regularizer=gloro"], r"reg\.gloro=0\.3 is invalid: expected a model that is a chain .* CNNSmall contains ConvBN"),
+    (["regularizer=gloro", "model=cnn_4c3f", "model.tanh=true"], r"reg\.gloro=0\.3 is invalid: .*BoundedHead"),
 ])
 def test_a_model_or_radius_it_cannot_certify_fails_before_training(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):

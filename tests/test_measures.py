@@ -1,4 +1,5 @@
 """Measures equal hand-computed values where they are known, and the layer bound really bounds."""
+import json
 import math
 
 import pytest
@@ -6,11 +7,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import SHRINK, build_model_option, dense_matrix, exact_operator_norm, with_random_statistics
-
+from conftest import (SHRINK, build_model_option, compose_config, dense_matrix, exact_operator_norm,
+                      with_random_statistics)
+from tulip import metric_keys
+from tulip.data import load_dataset
 from tulip.lipschitz import (POWER_SAFETY, conv_norm_estimate, layer_norm_bound, layer_norm_estimate)
-from tulip.measures import measure, per_sample_loss_grad_norms
+from tulip.main import run
+from tulip.measures import class_balanced_subset, measure, per_sample_loss_grad_norms
 from tulip.models import BranchMean, ConvBN, GlobalAvgPool, Residual
+from tulip.run_folder import RunFolder, build_model
 
 
 def build(name, overrides=(), channels=1, size=28, classes=10):
@@ -124,7 +129,7 @@ def test_measure_is_eval_mode_batch_independent_and_restores_mode():
     assert small.keys() == large.keys() == {
         "test/error_pct", "test/loss", "lipschitz/loss_grad_max", "lipschitz/loss_grad_mean",
         "lipschitz/jacobian_2inf", "weights/product_2inf", "weights/product_spectral",
-        "weights/layer_norm_product", "model/tanh_scale"}
+        "weights/layer_norm_product", "weights/layer_norm_estimate", "model/tanh_scale"}
     for key in small:
         assert small[key] == pytest.approx(large[key], rel=1e-4), key
     assert all(isinstance(v, float) for v in small.values())
@@ -225,3 +230,36 @@ def test_layer_norm_product_bounds_every_model(name, tanh):
     # the linearization's layers have the same norms, and each Jacobian is the product of masked layers
     assert metrics["weights/product_spectral"] <= bound
     assert metrics["lipschitz/jacobian_2inf"] <= bound
+
+
+def test_class_balanced_subset_is_fixed_balanced_and_all_when_n_is_large():
+    y = torch.tensor([0] * 50 + [1] * 30 + [2] * 5)
+    subset = class_balanced_subset(y, 24, seed=0)
+    assert torch.equal(subset, class_balanced_subset(y, 24, seed=0))  # the same images every epoch
+    assert not torch.equal(subset, class_balanced_subset(y, 24, seed=1))
+    assert len(subset.unique()) == 24 and torch.equal(subset, subset.sort().values)
+    # as equal as the labels allow: class 2 has only 5 images, the others share the rest equally
+    assert sorted(torch.bincount(y[subset]).tolist()) == [5, 9, 10]
+    assert class_balanced_subset(y, 85) is None and class_balanced_subset(y, None) is None
+
+
+def test_per_epoch_figures_on_a_subset_every_k_epochs_and_the_summary_on_the_whole_set(tmp_path):
+    """eval.every=2, eval.n=50 over 3 epochs: test error every epoch, Lipschitz figures in epochs 2 and 3
+    (the last) from 50 images; the summary's figures are a full measurement of the last model."""
+    cfg = compose_config("epochs=3", "eval.every=2", "eval.n=50", "scheduler.milestones=[2]")
+    final = run(cfg, tmp_path)
+    rows = RunFolder(tmp_path).read_metrics()
+    assert [metric_keys.TEST_ERROR in r for r in rows] == [True, True, True]
+    assert [metric_keys.LOSS_GRAD_MAX in r for r in rows] == [False, True, True]
+    data = load_dataset(cfg.dataset, torch.device("cpu"))
+    last = build_model(cfg, data, torch.device("cpu"))
+    last.load_state_dict(RunFolder(tmp_path).load_checkpoint("last")["model"])
+    whole = measure(last, data.test_x, data.test_y, cfg.test_batch_size)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    for key, value in whole.items():  # identical to a full measurement
+        assert final[key] == value and summary[key] == value, key
+    assert rows[-1][metric_keys.TEST_ERROR] == whole[metric_keys.TEST_ERROR]  # the error is on all images
+    assert rows[-1][metric_keys.LOSS_GRAD_MEAN] != whole[metric_keys.LOSS_GRAD_MEAN]  # the epoch's: 50 images
+    # the guaranteed bound only in the summary, its estimate every measured epoch
+    assert metric_keys.LAYER_NORM_PRODUCT not in rows[-1] and metric_keys.LAYER_NORM_ESTIMATE in rows[-1]
+    assert summary[metric_keys.LAYER_NORM_ESTIMATE] <= 1.1 * summary[metric_keys.LAYER_NORM_PRODUCT]

@@ -90,6 +90,10 @@ def validate(cfg: DictConfig) -> None:
         _require(peak <= math.log(LARGEST), "scheduler.gamma", scheduler.gamma,
                  f"a factor with optim.lr·gamma^{exponent} <= {LARGEST:g} ({exponent} milestones fall "
                  f"before epoch {cfg.epochs})")
+    _require(_is_int(cfg.eval.every) and 1 <= cfg.eval.every <= MAX_EPOCHS, "eval.every", cfg.eval.every,
+             f"an integer in [1, {MAX_EPOCHS}] (epochs)")
+    _require(cfg.eval.n is None or (_is_int(cfg.eval.n) and cfg.eval.n >= 1), "eval.n", cfg.eval.n,
+             "an integer >= 1 (test images) or null for all")
     _require(cfg.device in DEVICES, "device", cfg.device, " | ".join(DEVICES))
     _require(cfg.wandb.mode in WANDB_MODES, "wandb.mode", cfg.wandb.mode, " | ".join(WANDB_MODES))
     for key in ("init_timeout_s", "finish_timeout_s"):

@@ -11,6 +11,8 @@ The keys are the names of the per-epoch rows of metrics.jsonl, of summary.json a
     weights/product_2inf, _spectral         largest row norm / spectral norm of the linearized network
     weights/layer_norm_product              product of guaranteed bounds on the layers' operator norms: an
                                             upper bound, by theorem, on the logits' L2 Lipschitz constant
+                                            (summary.json only: 25 s for a ResNet-18, too slow per epoch)
+    weights/layer_norm_estimate             the same product of power-iteration estimates (per epoch)
     model/tanh_scale                        the bounded head's t (model.tanh=true only)
     time/epoch_s                            wall time of the epoch, measurements included
     best/test_error_pct, best/epoch         the best epoch (summary.json only)
@@ -50,6 +52,7 @@ JACOBIAN_2INF = "lipschitz/jacobian_2inf"
 PRODUCT_2INF = "weights/product_2inf"
 PRODUCT_SPECTRAL = "weights/product_spectral"
 LAYER_NORM_PRODUCT = "weights/layer_norm_product"
+LAYER_NORM_ESTIMATE = "weights/layer_norm_estimate"
 TANH_SCALE = "model/tanh_scale"
 EPOCH_TIME = "time/epoch_s"
 BEST_TEST_ERROR = "best/test_error_pct"

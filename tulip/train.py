@@ -21,7 +21,7 @@ from tqdm import tqdm
 from tulip import metric_keys
 from tulip.config import ConfigError, resolve_device
 from tulip.data import Data, load_dataset
-from tulip.measures import measure
+from tulip.measures import class_balanced_subset, measure
 from tulip.objective import build_objective
 from tulip.run_folder import RunFolder, RunFolderError, build_model
 from tulip.seeding import rng_state, seed_everything, set_rng_state
@@ -174,6 +174,8 @@ def train(cfg: DictConfig, folder: RunFolder, context: RunContext, evaluate: Fin
     for row in state.history:  # a new attempt's W&B run also shows the epochs before it
         tracker.log(row)
     progress = sys.stderr.isatty()
+    # The per-epoch Lipschitz figures' images: fixed (seed 0), so runs of every seed measure the same ones.
+    lipschitz_images = class_balanced_subset(data.test_y, cfg.eval.n, seed=0)
     summary = {"status": "failed", "epoch": state.epoch, "overrides": list(context.overrides),
                "time/job_start": job_start}
     final: dict = {}
@@ -186,7 +188,9 @@ def train(cfg: DictConfig, folder: RunFolder, context: RunContext, evaluate: Fin
             metrics.update(train_one_epoch(model, objective, optimizer, data, cfg.batch_size,
                                            epoch, progress))
             scheduler.step()
-            metrics.update(measure(model, data.test_x, data.test_y, cfg.test_batch_size))
+            metrics.update(measure(model, data.test_x, data.test_y, cfg.test_batch_size, lipschitz_images,
+                                   lipschitz=epoch % cfg.eval.every == 0 or epoch == cfg.epochs,
+                                   guaranteed_bound=False))
             metrics[metric_keys.EPOCH_TIME] = time.perf_counter() - started
             state.epoch = epoch
             state.history.append(metrics)
@@ -202,11 +206,14 @@ def train(cfg: DictConfig, folder: RunFolder, context: RunContext, evaluate: Fin
             folder.save_checkpoint(saved, "last")
             folder.append_metrics(metrics)
             tracker.log(metrics)
-            log.info("epoch %d/%d  train err %.2f%%  test err %.2f%%  loss grad max %.3g  %.1fs",
+            grad_max = metrics.get(metric_keys.LOSS_GRAD_MAX)  # absent between eval.every epochs
+            log.info("epoch %d/%d  train err %.2f%%  test err %.2f%%  loss grad max %s  %.1fs",
                      epoch, cfg.epochs, metrics[metric_keys.TRAIN_ERROR], metrics[metric_keys.TEST_ERROR],
-                     metrics[metric_keys.LOSS_GRAD_MAX], metrics[metric_keys.EPOCH_TIME])
+                     "-" if grad_max is None else f"{grad_max:.3g}", metrics[metric_keys.EPOCH_TIME])
 
+        # The summary's figures: all of them on the whole test set, the guaranteed bound included.
         final = dict(state.history[-1])
+        final.update(measure(model, data.test_x, data.test_y, cfg.test_batch_size))
         model.load_state_dict(folder.load_checkpoint("best", device)["model"])
         model.eval()
         final.update(evaluate(model, data, folder, tracker))

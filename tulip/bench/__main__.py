@@ -8,6 +8,7 @@ BENCHMARKS = {
     "nn": "tulip.bench.nn",
     "attacks": "tulip.bench.attacks",
     "sweep": "tulip.bench.sweep",
+    "epoch": "tulip.bench.epoch",
 }
 
 
