@@ -75,12 +75,12 @@ def test_a_run_killed_at_chosen_moments_ends_as_if_never_killed(tmp_path, uninte
 
 
 def test_a_run_killed_at_random_moments_ends_as_if_never_killed(tmp_path, uninterrupted_run):
-    """Six SIGKILLs at random moments of the whole job (start-up, training, evaluation, writes), drawn
+    """Four SIGKILLs at random moments of the whole job (start-up, training, evaluation, writes), drawn
     as fractions of the uninterrupted process's duration so they land inside the job on a busy machine
     too. Each restart resumes from what the last one saved, so later kills land later in the job."""
     uninterrupted, duration = uninterrupted_run
     draw = random.Random(0)
-    for _ in range(6):
+    for _ in range(4):
         process = subprocess.Popen([sys.executable, str(DRIVER), str(tmp_path), "none"], cwd=ROOT, env=ENV,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(draw.uniform(0.3, 0.9) * duration)
