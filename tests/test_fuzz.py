@@ -37,7 +37,7 @@ from tulip.main import run
 from tulip.objective import MAX_ITERATIONS
 
 # Reproducible in CI: the same random examples on every run, and no example database in the tree.
-FUZZ = settings(max_examples=6, deadline=None, derandomize=True, database=None,
+FUZZ = settings(max_examples=3, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 TRAIN_IMAGES, BATCH = 512, 64  # conftest.TINY: dataset.train_subset=512, batch_size=64
 GROUPS = ("model", "dataset", "optim", "scheduler", "regularizer", "attack")
