@@ -64,10 +64,11 @@ class LossGradients(NamedTuple):
     loss: torch.Tensor  # (n,) ℓ per image
     grad_norm: torch.Tensor  # (n,) ‖∇ℓ‖₂ per image
     margin: torch.Tensor  # (n,) logit margin m per image
+    logits: torch.Tensor  # (n, C), for the pairwise certificate
 
 
 def loss_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> LossGradients:
-    """ℓ, ‖∇_x ℓ‖₂ and the logit margin for every image of x (n, C, H, W); CPU tensors."""
+    """ℓ, ‖∇_x ℓ‖₂, the logit margin and the logits for every image of x (n, C, H, W); CPU tensors."""
     parts = []
     for start in range(0, len(x), batch_size):
         xb = x[start:start + batch_size].detach().requires_grad_(True)
@@ -75,7 +76,8 @@ def loss_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_siz
         logits = model(xb)
         loss = probability_margin_loss(logits, yb)
         (grad,) = torch.autograd.grad(loss.sum(), xb)
-        parts.append((loss.detach(), grad.flatten(1).norm(dim=1), logit_margin(logits.detach(), yb)))
+        logits = logits.detach()
+        parts.append((loss.detach(), grad.flatten(1).norm(dim=1), logit_margin(logits, yb), logits))
     return LossGradients(*(torch.cat(column).cpu() for column in zip(*parts)))
 
 

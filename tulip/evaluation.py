@@ -28,7 +28,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig
 
 from tulip import bounds, metric_keys, neighbours
-from tulip.config import LARGEST, NONNEGATIVE, ConfigError
+from tulip.config import LARGEST, NONNEGATIVE, ConfigError, is_number
 from tulip.data import Data
 from tulip.lipschitz import last_layer, layer_norm_bound, layer_norm_estimate
 from tulip.metric_keys import NORMS
@@ -83,8 +83,7 @@ def _attack_settings(spec: DictConfig) -> AttackSettings:
         # 0 <= e <= LARGEST is False for NaN and ±inf: a robust error at ε = inf says nothing, and
         # fixed-ε attacks would step by it.
         if not (isinstance(eps, ListConfig) and len(eps) > 0
-                and all(isinstance(e, (int, float)) and not isinstance(e, bool) and 0 <= e <= LARGEST
-                        for e in eps)):
+                and all(is_number(e) and 0 <= e <= LARGEST for e in eps)):
             raise ConfigError(f"attack.epsilons.{norm}={eps!r} is invalid: expected a non-empty list, "
                               f"each {NONNEGATIVE}")
         epsilons[norm] = [float(e) for e in eps]
@@ -187,7 +186,7 @@ def evaluate_bounds(model, x: torch.Tensor, y: torch.Tensor, batch_size: int,
     first = bounds.first_order_radii(grads.loss, grads.grad_norm)
     lipschitz = layer_norm_bound(model, x.shape[1:])
     global_radii = bounds.certified_radii(grads.margin, lipschitz)
-    certified, metrics = _certificate(model, x, y, batch_size, global_radii)
+    certified, metrics = _certificate(model, x.shape[1:], grads.logits, y, global_radii)
     lower = bounds.lipschitz_lower_bound(model, x, batch_size)
     metrics.update({metric_keys.BOUNDS_GRAD_NORM_MAX: grads.grad_norm.max().item(),
                     metric_keys.BOUNDS_FIRST_ORDER_MEDIAN: first.median().item(),
@@ -216,16 +215,14 @@ def evaluate_bounds(model, x: torch.Tensor, y: torch.Tensor, batch_size: int,
     return metrics, columns
 
 
-def _certificate(model, x: torch.Tensor, y: torch.Tensor, batch_size: int,
+def _certificate(model, input_shape, logits: torch.Tensor, y: torch.Tensor,
                  global_radii: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-    """The pairwise certified radii (n,) where the model ends in a linear layer (tulip.lipschitz.last_layer),
-    else the global ones; and the metrics that say which."""
-    last = last_layer(model, x.shape[1:])
+    """The pairwise certified radii (n,) from the (n, C) logits where the model ends in a linear layer
+    (tulip.lipschitz.last_layer), else the global ones; and the metrics that say which."""
+    last = last_layer(model, input_shape)
     if last is None:
         log.info("certificate: the model does not end in a linear layer: global form m/(√2·K)")
         return global_radii, {metric_keys.CERT_PAIRWISE: 0.0}
-    with torch.no_grad():
-        logits = torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]).cpu()
     pairs = bounds.pair_lipschitz(last.weight, last.head_scale).cpu()
     radii = bounds.pairwise_radii(logits, y.cpu(), last.feature_bound, pairs)
     return radii, {metric_keys.CERT_PAIRWISE: 1.0, metric_keys.CERT_FEATURE_LIPSCHITZ_UPPER: last.feature_bound}

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from tulip.config import LARGEST, NONNEGATIVE, POSITIVE, SMALLEST
+from tulip.config import LARGEST, NONNEGATIVE, POSITIVE, SMALLEST, is_int, is_number
 from tulip.metric_keys import penalty as penalty_key
 
 Model = torch.nn.Module
@@ -41,20 +41,16 @@ class ArgumentError(ValueError):
         self.argument, self.value, self.expected = argument, value, expected
 
 
-def _is_real(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 # Comparisons with NaN are False, so each range check below rejects NaN as well as ±inf and values
 # beyond LARGEST or (for positive ones) below SMALLEST, which float32 cannot use (see tulip.config).
 def nonnegative(argument: str, value) -> float:
-    if not (_is_real(value) and 0 <= value <= LARGEST):
+    if not (is_number(value) and 0 <= value <= LARGEST):
         raise ArgumentError(argument, value, NONNEGATIVE)
     return float(value)
 
 
 def positive(argument: str, value) -> float:
-    if not (_is_real(value) and SMALLEST <= value <= LARGEST):
+    if not (is_number(value) and SMALLEST <= value <= LARGEST):
         raise ArgumentError(argument, value, POSITIVE)
     return float(value)
 
@@ -64,7 +60,7 @@ MAX_ITERATIONS = 100_000
 
 
 def positive_int(argument: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_ITERATIONS:
+    if not (is_int(value) and 1 <= value <= MAX_ITERATIONS):
         raise ArgumentError(argument, value, f"an integer in [1, {MAX_ITERATIONS}]")
     return value
 
