@@ -3,6 +3,7 @@
 Tests build their config exactly as `python run.py` does (same conf/ folder, same defaults), then
 shrink it with overrides: one epoch, subsets of mnist5k, W&B disabled unless W&B is under test.
 """
+import copy
 import math
 import os
 import sys
@@ -66,6 +67,45 @@ def build_model_option(name: str, overrides=(), channels: int = 1, size: int = 2
     """The model `model=<name> <overrides>` composes to, for inputs (channels, size, size)."""
     cfg = compose_config(f"model={name}", *overrides, tiny=False)
     return instantiate(cfg.model, in_channels=channels, num_classes=classes, image_size=size)
+
+
+# (model, regularizer) pairs whose objective precision=bf16 must compute as float32 does: every penalty
+# family, on cnn_small (BatchNorm) and on the BatchNorm-free cnn_4c3f that GloRo needs.
+BF16_CASES = [("cnn_small", r) for r in ("none", "lip", "gradnorm", "gradnorm_fd", "J1", "J2", "Jinf", "lip+J2",
+                                         "pgd_l2", "pgd_linf", "trades")] + \
+             [("cnn_4c3f", r) for r in ("none", "lip", "gradnorm", "gradnorm_fd", "J2", "gloro")]
+
+
+def objective_in_fp32_and_bf16(model_name: str, regularizer: str, device):
+    """(StepOutput, weight gradient) of `regularizer=<regularizer>` on one batch of 64 digits, in float32
+    and under precision=bf16's autocast (tulip.step.autocast_for): same weights, batch and random draws,
+    each on its own copy of the model (a train-mode step updates BatchNorm's running statistics).
+
+    TRADES' adversary is a chaotic function of the gradients' signs (bf16 changes half of its pixels and
+    the KL by 7 %), so TRADES is given the float32 step's adversary: what is compared is its penalty."""
+    from tulip.data import load_dataset
+    from tulip.objective import build_objective
+    from tulip.step import autocast_for
+
+    cfg = compose_config(f"regularizer={regularizer}", f"model={model_name}", *SHRINK[model_name])
+    data = load_dataset(cfg.dataset, torch.device("cpu"))
+    x, y = data.train_x[:64].to(device), data.train_y[:64].to(device)
+    torch.manual_seed(0)
+    model = build_model_option(model_name, SHRINK[model_name]).to(device).train()
+    outputs, chosen = [], None
+    for precision in ("fp32", "bf16"):
+        on_copy = copy.deepcopy(model)
+        objective = build_objective(cfg.reg, on_copy)
+        if regularizer == "trades":
+            torch.manual_seed(1)
+            chosen = chosen or objective.batch(on_copy, x, y)
+            objective.batch = lambda model, x, y: chosen
+        torch.manual_seed(1)  # the same PGD starts
+        with autocast_for(precision, torch.device(device))():
+            out = objective(on_copy, x, y)
+        gradient = torch.autograd.grad(out.loss, list(on_copy.parameters()))  # as training, outside autocast
+        outputs.append((out, torch.cat([g.flatten() for g in gradient])))
+    return outputs
 
 
 @pytest.fixture

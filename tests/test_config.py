@@ -105,6 +105,14 @@ def test_unknown_group_option_lists_the_options():
     ("eval.every=0", "eval.every"),
     ("eval.n=0", "eval.n"),
     ("wandb.finish_timeout_s=-1", "wandb.finish_timeout_s"),
+    ("threads=0", "threads"),
+    ("threads=many", "threads"),
+    ("precision=fp16", "precision"),
+    ("precision=bfloat16", "precision"),
+    ("channels_last=yes", "channels_last"),
+    ("channels_last=1", "channels_last"),
+    ("compile=auto", "compile"),
+    ("compile=1", "compile"),
 ])
 def test_bad_values_fail_before_any_output(override, key, tmp_path):
     cfg = compose_config(override)

@@ -1,7 +1,9 @@
 """On a CUDA device: data and model stay on the GPU, the training loop never waits for it, every
 regularizer family trains as it does on the CPU, the guaranteed bounds do not change, the certificate
 stays sound under the GPU's convolution arithmetic (TF32 on recent cards), checkpoints move between
-devices, and an interrupted run resumes exactly.
+devices, and an interrupted run resumes exactly. The GPU path (precision=bf16, channels_last, compile=true)
+runs compiled, NHWC and in bf16 without waiting for the GPU either, and bf16 computes every objective as
+float32 does, to bf16's rounding.
 
 These tests need a GPU and are skipped without one (`pytest -m cuda` runs only them)."""
 import contextlib
@@ -18,13 +20,15 @@ import torch
 # Deterministic cuBLAS (for the exact-resume test) needs this before the first cuBLAS call.
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
-from conftest import SHRINK, build_model_option, compose_config, run_interrupted_in_second_epoch  # noqa: E402
+from conftest import (BF16_CASES, SHRINK, build_model_option, compose_config, objective_in_fp32_and_bf16,  # noqa: E402
+                      run_interrupted_in_second_epoch)
 from tulip import metric_keys  # noqa: E402
 from tulip.data import load_dataset  # noqa: E402
 from tulip.lipschitz import layer_norm_bound  # noqa: E402
 from tulip.main import run  # noqa: E402
 from tulip.objective import build_objective  # noqa: E402
 from tulip.run_folder import load_run  # noqa: E402
+from tulip.step import prepare_step
 from tulip.train import train_one_epoch  # noqa: E402
 
 pytestmark = [pytest.mark.cuda,
@@ -47,15 +51,10 @@ def test_data_and_augmentation_stay_on_the_device():
     assert data.augment(data.train_x[:8]).device.type == "cuda"
 
 
-@pytest.mark.parametrize("regularizer", FAMILIES)
-def test_the_training_loop_never_waits_for_the_device(regularizer):
+def assert_the_loop_never_waits(model, objective, data, **step) -> None:
     """A step that reads a value back (`.item()`, a data-dependent shape) stalls the GPU every step. The
-    loop's synchronizations are the end-of-epoch checks alone: as many for 12 steps as for 4."""
-    cfg = compose_config(f"regularizer={regularizer}", "model=cnn_4c3f", *SHRINK["cnn_4c3f"], "device=cuda")
-    data = load_dataset(cfg.dataset, CUDA)
-    torch.manual_seed(0)
-    model = build_model_option("cnn_4c3f", SHRINK["cnn_4c3f"]).to(CUDA)
-    objective = build_objective(cfg.reg, model)
+    loop's synchronizations are the end-of-epoch checks alone: as many for 12 steps as for 4. `step`:
+    train_one_epoch's autocast and memory_format."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
 
     def synchronizations(steps: int) -> list[str]:
@@ -64,7 +63,7 @@ def test_the_training_loop_never_waits_for_the_device(regularizer):
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
             try:
-                train_one_epoch(model, objective, optimizer, subset, 64, epoch=1, progress=False)
+                train_one_epoch(model, objective, optimizer, subset, 64, epoch=1, progress=False, **step)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         return [str(w.message) for w in caught if "synchroniz" in str(w.message)]
@@ -72,6 +71,52 @@ def test_the_training_loop_never_waits_for_the_device(regularizer):
     synchronizations(1)  # warm-up: lazy initialisation may synchronize once
     few, many = synchronizations(4), synchronizations(12)
     assert len(many) == len(few), f"{len(few)} synchronizations in 4 steps, {len(many)} in 12"
+
+
+@pytest.mark.parametrize("regularizer", FAMILIES)
+def test_the_training_loop_never_waits_for_the_device(regularizer):
+    cfg = compose_config(f"regularizer={regularizer}", "model=cnn_4c3f", *SHRINK["cnn_4c3f"], "device=cuda")
+    data = load_dataset(cfg.dataset, CUDA)
+    torch.manual_seed(0)
+    model = build_model_option("cnn_4c3f", SHRINK["cnn_4c3f"]).to(CUDA)
+    assert_the_loop_never_waits(model, build_objective(cfg.reg, model), data)
+
+
+@pytest.mark.parametrize("regularizer", ["none", "pgd_linf"])
+def test_the_bf16_channels_last_compiled_loop_never_waits_for_the_device(regularizer, monkeypatch):
+    """The GPU path a user turns on (precision=bf16 compile=true; channels_last=auto is on for a conv
+    model on CUDA): the step really runs compiled, NHWC and in bf16, and still never waits for the GPU."""
+    cfg = compose_config(f"regularizer={regularizer}", *SHRINK["cnn_small"], "device=cuda", "precision=bf16",
+                         "compile=true")
+    data = load_dataset(cfg.dataset, CUDA)
+    torch.manual_seed(0)
+    model = build_model_option("cnn_small", SHRINK["cnn_small"]).to(CUDA)
+    objective = build_objective(cfg.reg, model)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)  # restored after the test
+    setup = prepare_step(cfg, model, objective, data, CUDA)
+    assert setup.model is not model and setup.model._orig_mod is model  # compiled, not fallen back
+    assert setup.memory_format == torch.channels_last and torch.backends.cudnn.benchmark
+    with setup.autocast():
+        assert setup.model(data.train_x[:64].contiguous(memory_format=setup.memory_format)).dtype == torch.bfloat16
+    assert_the_loop_never_waits(setup.model, objective, data, autocast=setup.autocast,
+                                memory_format=setup.memory_format)
+    assert not any(key.startswith("_orig_mod") for key in model.state_dict())
+
+
+@pytest.mark.parametrize("model_name, regularizer", BF16_CASES)
+def test_bf16_objective_on_cuda_computes_what_float32_computes(model_name, regularizer, monkeypatch):
+    """tests/test_gpu_path.py's check on the GPU: under bf16 autocast the loss and every penalty are
+    float32's to 1 % (TF32 off, so that the reference is float32)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    (fp32, fp32_gradient), (bf16, bf16_gradient) = objective_in_fp32_and_bf16(model_name, regularizer, CUDA)
+    assert fp32.logits.dtype == torch.float32 and bf16.logits.dtype == torch.bfloat16
+    assert bf16.loss.item() == pytest.approx(fp32.loss.item(), rel=1e-2)
+    assert bf16.logs.keys() == fp32.logs.keys()
+    for name, value in fp32.logs.items():
+        assert bf16.logs[name].item() == pytest.approx(value.item(), rel=1e-2), name
+    if model_name == "cnn_4c3f":  # BatchNorm-free: the weight gradients too (see tests/test_gpu_path.py)
+        assert (bf16_gradient - fp32_gradient).norm() <= 5e-2 * fp32_gradient.norm()
 
 
 @contextlib.contextmanager

@@ -416,3 +416,32 @@ def test_every_option_has_a_benchmark_twin_computing_the_same_loss(name):
     torch.manual_seed(0)
     theirs = twin(twin_model, x, y, reg)
     torch.testing.assert_close(ours, theirs)
+
+
+def test_memory_benchmark_counts_every_free_of_a_cpu_step():
+    """`python -m tulip.bench memory`'s CPU peak: the running sum of the profiler's allocation records.
+    A block the step allocates and frees counts while it lives; state replaced every step (allocated by
+    the previous step, before the measured one) must show its free, or the step would seem to keep it."""
+    from tulip.bench.memory import cpu_step_peak
+
+    kept = [torch.empty(3 << 20, dtype=torch.uint8)]
+
+    def step():  # in MiB above the start: a 1, new state 1 + 3 (the old one still lives), old freed 1, b 3
+        a = torch.empty(1 << 20, dtype=torch.uint8)
+        kept[0] = torch.empty(3 << 20, dtype=torch.uint8)
+        b = torch.empty(2 << 20, dtype=torch.uint8)
+        del a, b
+    # a dropped free of the old state would read (6 MiB, 3 MiB)
+    assert cpu_step_peak(step) == (4 << 20, 0)
+
+
+def test_memory_benchmark_sees_the_double_backprop_graph_of_lip():
+    """On cnn_small and real mnist5k digits: the plain step's peak is positive, and lip's is larger,
+    since double backprop keeps the input gradient's graph alive through the backward pass."""
+    from tulip.bench.memory import measure
+
+    peaks, skipped, _ = measure(["none", "lip", "pgd_linf"], "cnn_small", batch_size=16, rounds=1)
+    assert not skipped
+    none, lip, pgd = (peaks[name][0] for name in ("none", "lip", "pgd_linf"))
+    assert none > 0 and pgd > 0
+    assert lip > 1.5 * none

@@ -180,7 +180,11 @@ def test_two_job_sweep_gives_two_summaries_and_two_wandb_runs_in_one_group(tmp_p
     args = ["-m", "reg.lip=0,0.1", *TINY, "wandb.mode=offline", f"hydra.sweep.dir={sweep_dir}"]
     if launcher == "submitit_local":
         args.append("hydra/launcher=submitit_local")
-    result = run_tulip(args, cwd=tmp_path, timeout=240)
+    # Up to 4 threads if the machine has the cores; submitit_local runs both jobs at once, so each
+    # takes half of them (tulip.callbacks.ShareCpus), the basic launcher one job at a time.
+    given = min(len(os.sched_getaffinity(0)), 4)
+    threads = max(1, given // 2) if launcher == "submitit_local" else given
+    result = run_tulip(args, cwd=tmp_path, timeout=240, env={"OMP_NUM_THREADS": "4"})
     assert result.returncode == 0, output_of(result)
 
     jobs = job_folders(sweep_dir)
@@ -189,6 +193,7 @@ def test_two_job_sweep_gives_two_summaries_and_two_wandb_runs_in_one_group(tmp_p
     for job, lip in zip(jobs, ["0", "0.1"]):
         summary = read_summary(job)
         assert summary["status"] == "finished" and summary["epoch"] == 1
+        assert summary["threads"] == threads
         assert f"reg.lip={lip}" in summary["overrides"]
         assert OmegaConf.load(job / ".hydra" / "config.yaml").reg.lip == float(lip)
         runs = wandb_runs(job)

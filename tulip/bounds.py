@@ -161,7 +161,7 @@ def tightness(attack_l2: torch.Tensor, certified: torch.Tensor, correct: torch.T
 
 
 def lipschitz_lower_bound(model: nn.Module, x: torch.Tensor, batch_size: int, steps: int = 30,
-                          radius: float = 0.01, seed: int = 0) -> float:
+                          radius: float = 0.01, seed: int = 0, images: int = 64) -> float:
     """The largest ‖f(a) − f(b)‖₂ / ‖a − b‖₂ found: a lower bound on the L2 Lipschitz constant of the
     logits (every pair evaluated is a witness), for judging an upper bound's tightness.
 
@@ -170,7 +170,13 @@ def lipschitz_lower_bound(model: nn.Module, x: torch.Tensor, batch_size: int, st
     is that of the logits on all of R^d) and turning the direction of b − a, whose length stays fixed
     (at small lengths this is power iteration on the local Jacobian, at large ones it finds steep
     chords). Model in eval mode.
+
+    Only the first ``images`` images start pairs: the best ratio comes from the local power iteration,
+    whose result varies little between images, and each step costs three passes per image. On 200 test
+    images, the first 64 found 12.02 (all 200: 12.02) on the default model and 6.90 (6.92) on a GloRo
+    model, in a third of the time; a lower bound found on fewer pairs only makes K / lower more cautious.
     """
+    x = x[:images]
     generator = torch.Generator(device=x.device).manual_seed(seed)
     best = 0.0
     for start in range(0, len(x), batch_size):

@@ -1,22 +1,23 @@
-"""Hydra callback that ends every multirun with one line per job: did it finish, fail or diverge?
+"""Tulip's Hydra callbacks, enabled in conf/config.yaml (`hydra.callbacks`):
 
-Enabled in conf/config.yaml:
-
-    hydra:
-      callbacks:
-        sweep_report:
-          _target_: tulip.callbacks.SweepReport
+- `ShareCpus`: before a multirun's jobs start, tells them how many of them a local launcher runs at
+  once, so that each takes its share of the cores (tulip.cpus).
+- `SweepReport`: ends every multirun with one line per job: did it finish, fail or diverge?
 
 Each job of a sweep writes `summary.json` (with `status` finished | failed | diverged) into its own folder
 under `hydra.sweep.dir`; the report reads those files, so it works the same for the basic launcher,
 submitit_local and SLURM (where the jobs ran in other processes or on other machines).
 """
 import atexit
+import os
 from pathlib import Path
 
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from tulip.cpus import JOBS_AT_ONCE, cpus_given
 from tulip.metric_keys import TEST_ERROR
 from tulip.run_folder import RunFolder, RunFolderError
 
@@ -86,3 +87,47 @@ class SweepReport(Callback):
             return
         self.reported = True
         print(format_report(self.sweep_dir, collect_jobs(self.sweep_dir), self.metric), flush=True)
+
+
+# Launchers that run a sweep's jobs side by side on this machine, and the launcher key (if any) that
+# caps how many run at once. SLURM's jobs get their own CPUs (SLURM_CPUS_PER_TASK); the basic launcher
+# runs one job at a time.
+LOCAL_PARALLEL_LAUNCHERS = {
+    "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher": None,
+    "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher": "n_jobs",
+}
+
+
+def largest_batch(config: DictConfig) -> int:
+    """The most jobs the sweeper hands the launcher in one batch: the sweep file's `hydra.sweeper.params`
+    and the command line's sweep overrides, expanded and split as Hydra's basic sweeper does; a sweeper
+    that asks for trials in batches says how many (`n_jobs`)."""
+    sweeper = config.hydra.sweeper
+    if sweeper.get("n_jobs") is not None:
+        return int(sweeper.n_jobs)
+    arguments = [f"{key}={value}" for key, value in (sweeper.get("params") or {}).items()]
+    arguments += list(config.hydra.overrides.task)
+    overrides = OverridesParser.create().parse_overrides(arguments)
+    return max(len(batch) for batch in BasicSweeper.split_arguments(overrides, sweeper.get("max_batch_size")))
+
+
+class ShareCpus(Callback):
+    """Sets JOBS_AT_ONCE for the jobs a local parallel launcher is about to start (they inherit this
+    process's environment); clears it for any other launcher, so a SLURM sweep started from the same
+    Python process later is not divided."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        os.environ.pop(JOBS_AT_ONCE, None)
+        launcher = config.hydra.launcher
+        target = launcher.get("_target_", "")
+        if target not in LOCAL_PARALLEL_LAUNCHERS:
+            return
+        try:
+            jobs = largest_batch(config)
+        except Exception:  # a sweep syntax this count does not follow (glob over groups): one core each
+            jobs = cpus_given()
+        cap_key = LOCAL_PARALLEL_LAUNCHERS[target]
+        cap = launcher.get(cap_key) if cap_key else None
+        if cap is not None:
+            jobs = min(jobs, cpus_given() if cap < 0 else cap)  # joblib's n_jobs=-1: one per CPU
+        os.environ[JOBS_AT_ONCE] = str(max(1, jobs))

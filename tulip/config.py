@@ -15,6 +15,7 @@ from omegaconf import DictConfig, ListConfig
 MODES = ("train", "evaluate", "summary")
 DEVICES = ("auto", "cpu", "cuda")
 WANDB_MODES = ("offline", "online", "disabled")
+PRECISIONS = ("fp32", "bf16")
 
 # The largest real-valued hyper-parameter accepted anywhere (learning rates, multipliers, radii). Far
 # above any meaningful value, yet well inside float32's 3.4e38, so that what training derives from it
@@ -30,6 +31,8 @@ NONNEGATIVE = f"a finite number >= 0, at most {LARGEST:g}"
 MAX_EPOCHS = 100_000
 # Python's, NumPy's and torch's generators all accept seeds in this range (NumPy's is the narrowest).
 MAX_SEED = 2**32 - 1
+# More CPU threads than any machine has cores.
+MAX_THREADS = 4096
 
 
 class ConfigError(ValueError):
@@ -97,6 +100,13 @@ def validate(cfg: DictConfig) -> None:
     _require(cfg.eval.n is None or (is_int(cfg.eval.n) and cfg.eval.n >= 1), "eval.n", cfg.eval.n,
              "an integer >= 1 (test images) or null for all")
     _require(cfg.device in DEVICES, "device", cfg.device, " | ".join(DEVICES))
+    _require(cfg.threads == "auto" or (is_int(cfg.threads) and 1 <= cfg.threads <= MAX_THREADS), "threads",
+             cfg.threads, f"auto or an integer in [1, {MAX_THREADS}]")
+    _require(cfg.precision in PRECISIONS, "precision", cfg.precision, " | ".join(PRECISIONS))
+    # Switches are true or false only, so that a typo ('ture', 1) is not read as truthy or falsy.
+    _require(cfg.channels_last == "auto" or isinstance(cfg.channels_last, bool), "channels_last",
+             cfg.channels_last, "auto | true | false")
+    _require(isinstance(cfg.compile, bool), "compile", cfg.compile, "true | false")
     _require(cfg.wandb.mode in WANDB_MODES, "wandb.mode", cfg.wandb.mode, " | ".join(WANDB_MODES))
     for key in ("init_timeout_s", "finish_timeout_s"):
         timeout = cfg.wandb[key]

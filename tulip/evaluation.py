@@ -273,9 +273,12 @@ class Evaluation:
                 images = {"index": list(range(n)), "label": y.tolist(),
                           "prediction": _predict(model, x, self.settings.batch_size).tolist()}
             if self.attacks:
+                started = time.perf_counter()
                 found, best = evaluate_attacks(self.attacks, model, x, y, self.settings, folder, tracker, images)
                 metrics.update(found)
+                metrics[metric_keys.ATTACK_TIME] = time.perf_counter() - started
             if self.bounds:
+                started = time.perf_counter()
                 found, columns = evaluate_bounds(model, x, y, self.settings.batch_size, self.settings.epsilons["l2"])
                 metrics.update(found)
                 folder.write_csv("bounds", {**images, **columns})
@@ -284,8 +287,11 @@ class Evaluation:
                 if any(attack.norm == "l2" for attack in self.attacks.values()):
                     correct = torch.tensor(images["prediction"]) == y.cpu()
                     metrics[metric_keys.CERT_TIGHTNESS] = bounds.tightness(best["l2"], certified, correct)
+                metrics[metric_keys.BOUNDS_TIME] = time.perf_counter() - started
             if self.neighbours:
+                started = time.perf_counter()
                 metrics.update(evaluate_neighbours(data, folder))
+                metrics[metric_keys.NN_TIME] = time.perf_counter() - started
         return metrics
 
 

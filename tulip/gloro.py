@@ -74,17 +74,24 @@ class LayerNorms:
             return F.linear(u, layer.weight.t())
         return conv_adjoint(u, layer.weight, shape, layer.stride, layer.padding, layer.groups)
 
+    def _full_precision(self):
+        """Autocast off (precision=bf16 trains under it): the vectors persist across steps and go into the
+        checkpoint, so bf16 rounding would build up in them; one vector per layer costs next to nothing."""
+        return torch.autocast(self.layers[0].weight.device.type, enabled=False)
+
     @torch.no_grad()
     def iterate(self, steps: int) -> None:
-        for i, (layer, shape) in enumerate(zip(self.layers, self.shapes)):
-            v = self.vectors[i]
-            for _ in range(steps):
-                v = self._adjoint(layer, self._apply(layer, v / v.norm()), shape)
-            self.vectors[i] = v / v.norm()
+        with self._full_precision():
+            for i, (layer, shape) in enumerate(zip(self.layers, self.shapes)):
+                v = self.vectors[i]
+                for _ in range(steps):
+                    v = self._adjoint(layer, self._apply(layer, v / v.norm()), shape)
+                self.vectors[i] = v / v.norm()
 
     def product(self) -> torch.Tensor:
         """Π_l ‖A_l v_l‖ with the current unit vectors v_l: a scalar with a graph into the weights."""
-        return math.prod(self._apply(layer, v).norm() for layer, v in zip(self.layers, self.vectors))
+        with self._full_precision():
+            return math.prod(self._apply(layer, v).norm() for layer, v in zip(self.layers, self.vectors))
 
 
 class GloroPenalty(Penalty):

@@ -6,17 +6,21 @@ metrics as a dict. A diverged run returns NaN metrics instead of raising, so a s
 other jobs. A training job that cannot start (a bad value) still leaves a summary.json saying `failed`
 and why, so that a sweep's report lists it.
 """
+import logging
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from tulip.config import validate
+from tulip.cpus import cpus_given, jobs_at_once, use_threads
 from tulip.evaluation import build_evaluation
 from tulip.modes import evaluate_run, summarize_run
 from tulip.run_folder import RunFolder, RunFolderError
 from tulip.tracking import RunContext
 from tulip.train import train
+
+log = logging.getLogger(__name__)
 
 
 def hydra_context() -> tuple[Path | None, RunContext]:
@@ -41,6 +45,9 @@ def run(cfg: DictConfig, run_dir: Path | str | None = None,
     run_dir = Path(run_dir) if run_dir is not None else hydra_dir
     try:
         validate(cfg)
+        threads = use_threads(cfg.threads)
+        log.info("%d CPU thread%s (%d CPUs given, %d jobs at once on them)", threads, "s"[:threads != 1],
+                 cpus_given(), jobs_at_once())
         evaluation = build_evaluation(cfg)
         if cfg.mode in ("evaluate", "summary"):
             with RunFolder(cfg.run_dir).writer_lock(create=False):

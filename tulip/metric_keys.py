@@ -55,6 +55,14 @@ LAYER_NORM_PRODUCT = "weights/layer_norm_product"
 LAYER_NORM_ESTIMATE = "weights/layer_norm_estimate"
 TANH_SCALE = "model/tanh_scale"
 EPOCH_TIME = "time/epoch_s"
+# Where a run's time went (seconds), in summary.json: python -m tulip.bench startup reads them.
+SETUP_TIME = "time/setup_s"  # data, model, objective, optimizer: after the imports, before W&B
+WANDB_INIT_TIME = "time/wandb_init_s"
+TRAIN_TIME = "time/train_s"  # the epochs of this attempt, their per-epoch measurements and checkpoints
+FINAL_MEASURE_TIME = "time/final_measure_s"  # the summary's whole-test-set figures, guaranteed bound included
+ATTACK_TIME = "time/attacks_s"  # the final evaluation's parts (a re-evaluation replaces those it redoes)
+BOUNDS_TIME = "time/bounds_s"  # the lower bounds and the certificate
+NN_TIME = "time/nn_s"
 BEST_TEST_ERROR = "best/test_error_pct"
 BEST_EPOCH = "best/epoch"
 

@@ -35,6 +35,11 @@ from tulip.perturbations import (frozen_eval, l2_direction, loss_input_grad, max
 DIRECTIONS = {1.0: sign_direction, 2.0: l2_direction, math.inf: max_entry_direction}
 
 
+def at_least_float32(logits: torch.Tensor) -> torch.Tensor:
+    """bf16 logits (precision=bf16's autocast) in float32; float32 and float64 ones as they are."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
 # --- batch choices ----------------------------------------------------------------------------------
 
 class GradientStepBatch(BatchChoice):
@@ -82,10 +87,11 @@ class TradesBatch(BatchChoice):
 
     def __call__(self, model: Model, x: torch.Tensor, y: torch.Tensor):
         with frozen_eval(model):
-            p_clean = F.softmax(model(x), dim=1)
+            p_clean = F.softmax(at_least_float32(model(x)), dim=1)
 
-            def kl(z):  # per-sample KL(p_clean ‖ f(z))
-                return F.kl_div(F.log_softmax(model(z), dim=1), p_clean, reduction="none").sum(dim=1)
+            def kl(z):  # per-sample KL(p_clean ‖ f(z)); float32 log-probabilities, see TradesPenalty
+                return F.kl_div(F.log_softmax(at_least_float32(model(z)), dim=1), p_clean,
+                                reduction="none").sum(dim=1)
 
             return x, self.attack(kl, x, start=x + 0.001 * torch.randn_like(x))
 
@@ -129,17 +135,27 @@ class FiniteDifferencePenalty(Penalty):
             raise ArgumentError("order", order, "1 | 2")
         self._losses_below, self._span = (self._losses_at_x, h) if order == 1 else (self._losses_at_minus_h, 2 * h)
 
-    def _losses_at_x(self, batch: TrainingBatch, step: torch.Tensor) -> torch.Tensor:
+    def _losses_at_x(self, batch: TrainingBatch, step: torch.Tensor, recompute: bool) -> torch.Tensor:
+        if recompute:
+            return F.cross_entropy(batch.model(batch.x.detach()), batch.y, reduction="none")
         return batch.losses
 
-    def _losses_at_minus_h(self, batch: TrainingBatch, step: torch.Tensor) -> torch.Tensor:
+    def _losses_at_minus_h(self, batch: TrainingBatch, step: torch.Tensor, recompute: bool) -> torch.Tensor:
         return F.cross_entropy(batch.model(batch.x.detach() - step), batch.y, reduction="none")
 
     def __call__(self, batch: TrainingBatch) -> torch.Tensor:
         # Detached x and v: the extra forward passes need no input gradient, only weight gradients.
         step = self.h * self.direction(batch.input_grad.detach())
-        losses_above = F.cross_entropy(batch.model(batch.x.detach() + step), batch.y, reduction="none")
-        slope = (losses_above - self._losses_below(batch, step)) / self._span  # (B,)
+        # The difference of two nearby losses cancels most of their digits: from bf16 logits (autocast,
+        # precision=bf16) the rounding noise is larger than the slope itself (30x the float32 penalty at
+        # initialisation), so both losses are computed in float32 then, the step's own forward pass at x
+        # (bf16) recomputed for order 1 (in train mode that pass moves BatchNorm's running statistics
+        # once more, as order 2's second pass does).
+        device = batch.x.device.type
+        low_precision = torch.is_autocast_enabled(device)
+        with torch.autocast(device, enabled=False):
+            losses_above = F.cross_entropy(batch.model(batch.x.detach() + step), batch.y, reduction="none")
+            slope = (losses_above - self._losses_below(batch, step, low_precision)) / self._span  # (B,)
         return self.lam * slope.square().mean() / 2
 
 
@@ -154,8 +170,12 @@ class TradesPenalty(Penalty):
     def __call__(self, batch: TrainingBatch) -> torch.Tensor:
         if batch.x_adv is None:
             raise ValueError("the TRADES penalty needs TRADES' adversary: train on TradesBatch (reg.trades.beta)")
-        log_p_adv = F.log_softmax(batch.model(batch.x_adv), dim=1)
-        return self.beta * F.kl_div(log_p_adv, F.softmax(batch.logits, dim=1), reduction="batchmean")
+        # In float32 at least (precision=bf16's autocast makes the logits bf16): CPU autocast keeps
+        # log_softmax in bf16, whose 8 bits round log-probabilities near -2.3 by up to 0.008, and that
+        # noise swamps a KL between nearby inputs (0.03 against 2e-6 in float32 at initialisation).
+        log_p_adv = F.log_softmax(at_least_float32(batch.model(batch.x_adv)), dim=1)
+        return self.beta * F.kl_div(log_p_adv, F.softmax(at_least_float32(batch.logits), dim=1),
+                                    reduction="batchmean")
 
 
 class WeightDecayPenalty(Penalty):

@@ -1,17 +1,19 @@
 """Training one run: build everything from the config, train, measure every epoch, checkpoint.
 
 Read top to bottom: `train` builds the data, model, objective, optimizer and schedule, resumes from
-`checkpoints/last.pt` when the folder holds one, then loops over epochs. Each epoch is a flat loop of
+`checkpoints/last.pt` when the folder holds one, decides once how the step runs on the device
+(tulip.step: precision, channels_last, compile), then loops over epochs. Each epoch is a flat loop of
 steps followed by the test-set measurements of tulip.measures. After the last epoch the best
 checkpoint goes through the final evaluation it was handed (tulip.evaluation, built before training)
 and summary.json is written, whatever happened.
 """
+import contextlib
 import logging
 import math
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, ContextManager
 
 import torch
 from hydra.utils import instantiate
@@ -26,6 +28,7 @@ from tulip.measures import class_balanced_subset, measure
 from tulip.objective import build_objective
 from tulip.run_folder import RunFolder, RunFolderError, build_model
 from tulip.seeding import rng_state, seed_everything, set_rng_state
+from tulip.step import prepare_step
 from tulip.tracking import RunContext, Tracker
 
 # The final evaluation: (model, data, folder, tracker) -> metrics (tulip.evaluation.Evaluation).
@@ -35,8 +38,13 @@ log = logging.getLogger(__name__)
 
 # Config sections that do not change what training computes: a run may be resumed (or re-evaluated)
 # with different values of these.
-# The device changes rounding, not the math: a GPU job may go on on the CPU and back.
-NOT_TRAINING_STATE = ("wandb", "attack", "eval", "mode", "run_dir", "device")
+# The device and the thread count change rounding, not the math: a GPU job may go on on the CPU and back.
+# So do channels_last and compile (memory layout, fused kernels); precision=bf16 changes what each step
+# computes, so it is training state.
+NOT_TRAINING_STATE = ("wandb", "attack", "eval", "mode", "run_dir", "device", "threads", "channels_last",
+                      "compile")
+# Training-state keys added after runs had been saved without them, with the value those runs trained with.
+SAVED_BEFORE_THE_KEY = {"precision": "fp32"}
 
 
 class Diverged(Exception):
@@ -59,7 +67,7 @@ def _training_config(config: dict) -> dict:
 
 # What a rerun in a finished run's folder must match to be skipped: everything but where and how it
 # is shown (a changed attack or eval section re-runs the final evaluation).
-NOT_REQUESTED = ("wandb", "mode", "run_dir", "device")
+NOT_REQUESTED = ("wandb", "mode", "run_dir", "device", "threads", "channels_last", "compile")
 
 
 def _checkpoint_to_resume(folder: RunFolder, device: torch.device) -> dict:
@@ -84,11 +92,13 @@ def _differing_keys(old, new, prefix="") -> list[str]:
 
 
 def train_one_epoch(model, objective, optimizer, data: Data, batch_size: int, epoch: int,
-                    progress: bool) -> dict:
+                    progress: bool, autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+                    memory_format: torch.memory_format = torch.contiguous_format) -> dict:
     """One pass over the shuffled training set; returns the epoch's training averages.
 
     Nothing here waits for the device: losses go into a preallocated per-step buffer and are
     checked for NaN/Inf once, at the end of the epoch, which also names the first bad step.
+    `autocast` and `memory_format` come from the run's StepSetup (`prepare_step`).
     """
     model.train()
     # Backpropagate into the weights only: a regularizer's input x may require grad, and its
@@ -105,8 +115,9 @@ def train_one_epoch(model, objective, optimizer, data: Data, batch_size: int, ep
         batches = tqdm(batches, desc=f"epoch {epoch}", leave=False, file=sys.stderr)
     for step in batches:
         idx = order[step * batch_size:(step + 1) * batch_size]
-        x, y = data.augment(data.train_x[idx]), data.train_y[idx]
-        out = objective(model, x, y)
+        x, y = data.augment(data.train_x[idx]).contiguous(memory_format=memory_format), data.train_y[idx]
+        with autocast():
+            out = objective(model, x, y)
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward(inputs=weights)
         optimizer.step()
@@ -150,7 +161,8 @@ def train(cfg: DictConfig, folder: RunFolder, context: RunContext, evaluate: Fin
     state = TrainState()
     if folder.checkpoint("last").exists():
         saved = _checkpoint_to_resume(folder, device)
-        changed = _differing_keys(_training_config(saved["config"]), _training_config(config))
+        saved_config = {**SAVED_BEFORE_THE_KEY, **saved["config"]}
+        changed = _differing_keys(_training_config(saved_config), _training_config(config))
         if changed:
             raise ConfigError(f"{folder.path} holds a checkpoint of a run with a different config "
                               f"(differs in: {', '.join(changed)}); refusing to overwrite it. "
@@ -165,30 +177,38 @@ def train(cfg: DictConfig, folder: RunFolder, context: RunContext, evaluate: Fin
         finished = folder.read_summary()
         if (state.epoch == cfg.epochs and finished.get("status") == "finished"
                 and not _differing_keys(*({k: v for k, v in c.items() if k not in NOT_REQUESTED}
-                                          for c in (saved["config"], config)))):
+                                          for c in (saved_config, config)))):
             log.info("%s already holds this finished run: nothing to do (mode=evaluate run_dir=%s "
                      "re-evaluates it)", folder.path, folder.path)
             return {k: v for k, v in finished.items() if k not in ("status", "overrides", "error")}
     folder.write_metrics_history(state.history)
+    setup = prepare_step(cfg, model, objective, data, device)  # torch.compile compiles here
 
+    tracker_start = time.time()
     tracker = Tracker(cfg, folder, context)
     for row in state.history:  # a new attempt's W&B run also shows the epochs before it
         tracker.log(row)
+    phase_times = {metric_keys.SETUP_TIME: tracker_start - job_start,
+                   metric_keys.WANDB_INIT_TIME: time.time() - tracker_start}
     progress = sys.stderr.isatty()
     # The per-epoch Lipschitz figures' images: fixed (seed 0), so runs of every seed measure the same ones.
     lipschitz_images = class_balanced_subset(data.test_y, cfg.eval.n, seed=0)
     summary = {"status": "failed", "epoch": state.epoch, "overrides": list(context.overrides),
-               "time/job_start": job_start}
+               "time/job_start": job_start, "threads": torch.get_num_threads(), **phase_times}
     final: dict = {}
     ending_error = None
     try:
-        summary["time/first_step"] = time.time()
+        summary["time/first_step"] = first_step = time.time()
         for epoch in range(state.epoch + 1, cfg.epochs + 1):
             started = time.perf_counter()
             metrics = {metric_keys.EPOCH: epoch, metric_keys.LR: optimizer.param_groups[0]["lr"]}
-            metrics.update(train_one_epoch(model, objective, optimizer, data, cfg.batch_size,
-                                           epoch, progress))
+            metrics.update(train_one_epoch(setup.model, objective, optimizer, data, cfg.batch_size,
+                                           epoch, progress, setup.autocast, setup.memory_format))
             scheduler.step()
+            # The plain model, outside autocast, from here on: the measurements, the checkpoints and the
+            # final evaluation are float32 whatever `precision` is (a certificate or Lipschitz bound
+            # computed in bf16 would not be sound), and the checkpoint holds the model's own state_dict
+            # (torch.compile's wrapper would prefix every key with `_orig_mod.`).
             metrics.update(measure(model, data.test_x, data.test_y, cfg.test_batch_size, lipschitz_images,
                                    lipschitz=epoch % cfg.eval.every == 0 or epoch == cfg.epochs,
                                    guaranteed_bound=False))
@@ -212,6 +232,7 @@ def train(cfg: DictConfig, folder: RunFolder, context: RunContext, evaluate: Fin
                      epoch, cfg.epochs, metrics[metric_keys.TRAIN_ERROR], metrics[metric_keys.TEST_ERROR],
                      "-" if grad_max is None else f"{grad_max:.3g}", metrics[metric_keys.EPOCH_TIME])
 
+        summary[metric_keys.TRAIN_TIME] = (final_start := time.time()) - first_step
         # The summary's figures: all of them on the whole test set, the guaranteed bound included. With
         # eval.n covering the test set the last epoch measured everything else already.
         final = dict(state.history[-1])
@@ -219,6 +240,7 @@ def train(cfg: DictConfig, folder: RunFolder, context: RunContext, evaluate: Fin
             final[metric_keys.LAYER_NORM_PRODUCT] = layer_norm_bound(model, data.test_x.shape[1:])
         else:
             final.update(measure(model, data.test_x, data.test_y, cfg.test_batch_size))
+        summary[metric_keys.FINAL_MEASURE_TIME] = time.time() - final_start
         model.load_state_dict(folder.load_checkpoint("best", device)["model"])
         model.eval()
         final.update(evaluate(model, data, folder, tracker))

@@ -9,6 +9,8 @@ BENCHMARKS = {
     "attacks": "tulip.bench.attacks",
     "sweep": "tulip.bench.sweep",
     "epoch": "tulip.bench.epoch",
+    "startup": "tulip.bench.startup",
+    "memory": "tulip.bench.memory",
 }
 
 

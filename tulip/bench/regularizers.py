@@ -7,6 +7,11 @@ math written as a minimal hand-written loop with the same settings. Measurements
 round-robin (a plain, a Tulip and a hand-written step for each regularizer in turn), so that load from
 other processes hits all variants alike; the table gives the medians of the per-round ratios to the plain
 step and of Tulip / hand-written.
+
+``--precision bf16`` and ``--channels-last`` time the step as ``precision=bf16`` and ``channels_last=true``
+train it (both variants alike). On ``--device cuda`` the benchmark also gives the plain step's images/s
+and its FLOP rate (matmuls and convolutions, counted by torch.utils.flop_counter) as a fraction of the
+GPU's bf16 matmul rate, measured here on an 8192² × 8192 product.
 """
 import argparse
 import itertools
@@ -18,10 +23,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+from tulip.config import PRECISIONS
 from tulip.objective import build_objective
+from tulip.step import autocast_for
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 # Targets for the ratio to a plain step; PGD's is k + 1.2 for k steps.
@@ -230,6 +238,32 @@ def target(name: str, reg) -> str:
     return ""
 
 
+def bf16_matmul_rate(device: torch.device, n: int = 8192, repeats: int = 20) -> float:
+    """FLOP/s of an n×n by n×n bf16 matmul on `device`: the rate a step's FLOPs are compared with (a
+    measured one, not the datasheet's, which no real kernel reaches)."""
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    out = torch.empty(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):  # warm-up: cuBLAS picks its kernel, the clocks ramp up
+        torch.matmul(a, b, out=out)
+    torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        torch.matmul(a, b, out=out)
+    torch.cuda.synchronize(device)
+    return 2 * n ** 3 * repeats / (time.perf_counter() - start)
+
+
+def step_flops(loss_fn, model, x, y, autocast) -> int:
+    """The FLOPs of one step's forward and backward passes (matmuls and convolutions; the elementwise
+    work and the optimizer step are not counted, so the fraction below is a lower bound)."""
+    with FlopCounterMode(display=False) as counter:
+        with autocast():
+            loss = loss_fn(model, x, y)
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m tulip.bench regularizers", description=__doc__)
     parser.add_argument("--rounds", type=int, default=15, help="timed round-robin rounds (default 15)")
@@ -242,6 +276,10 @@ def main(argv: list[str]) -> None:
                         help="wall: perf_counter; cpu: this process's CPU time, which other processes' "
                              "load disturbs less (use with --threads 1; CPU device only)")
     parser.add_argument("--only", nargs="*", default=None, help="regularizer options to time (default: all)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                        help="bf16: every step under bf16 autocast, as precision=bf16 trains (default fp32)")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="NHWC model and batch, as channels_last=true trains")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -264,6 +302,10 @@ def main(argv: list[str]) -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x = torch.rand(args.batch_size, 1, 28, 28, device=device)
     y = torch.randint(0, 10, (args.batch_size,), device=device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    autocast = autocast_for(args.precision, device)
 
     variants = {}  # (name, "tulip" | "hand") -> loss function of (model, x, y)
     skipped = {}  # name -> why this model cannot train with it (GloRo needs a BatchNorm-free chain)
@@ -286,7 +328,8 @@ def main(argv: list[str]) -> None:
     def step(loss_fn) -> float:
         sync()
         start = clock()
-        loss = loss_fn(model, x, y)
+        with autocast():
+            loss = loss_fn(model, x, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -320,7 +363,9 @@ def main(argv: list[str]) -> None:
     def cell(values, digits):
         return f"{statistics.median(values):.{digits}f}" if values else "— (no hand-written twin)"
 
-    print(f"{type(model).__name__}, batch {args.batch_size}, {device}, {torch.get_num_threads()} threads, "
+    gpu_path = "".join([f", {args.precision}" if args.precision != "fp32" else "",
+                        ", channels_last" if args.channels_last else ""])
+    print(f"{type(model).__name__}, batch {args.batch_size}, {device}{gpu_path}, {torch.get_num_threads()} threads, "
           f"{args.clock} clock, {args.rounds} rounds; plain step {1000 * plain:.1f} ms (hand-written, median); "
           f"medians of per-round ratios\n")
     print("| regularizer | Tulip × plain | hand-written × plain | Tulip / hand-written | target |")
@@ -330,3 +375,13 @@ def main(argv: list[str]) -> None:
               f"{cell(pair[name], 3)} | {target(name, regs[name])} |")
     for name, why in skipped.items():
         print(f"\nnot timed: {name} cannot train {type(model).__name__} ({why}); time it with --model cnn_4c3f")
+
+    print(f"\nplain step: {args.batch_size / plain:,.0f} images/s")
+    if device.type != "cuda":
+        print("(its fraction of the bf16 matmul rate is measured with --device cuda only)")
+        return
+    flops = step_flops(variants["none", "hand"], model, x, y, autocast)
+    rate = bf16_matmul_rate(device)
+    print(f"plain step: {flops / 1e9:.3g} GFLOP (forward + backward, matmuls and convolutions) in "
+          f"{1000 * plain:.2f} ms = {flops / plain / 1e12:.3g} TFLOP/s, {100 * flops / plain / rate:.2f} % of "
+          f"this GPU's measured bf16 matmul rate ({rate / 1e12:.0f} TFLOP/s, 8192² × 8192)")

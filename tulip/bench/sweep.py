@@ -1,6 +1,6 @@
 """``python -m tulip.bench sweep``: what a sweep costs beyond its training, per launcher.
 
-Runs the same 4-job grid (optim.lr x seed, 1 epoch of mnist5k, no attack) through `python run.py -m`
+Runs the same 4-job grid (optim.lr x seed, `--epochs` (1) of mnist5k, no attack) through `python run.py -m`
 with Hydra's basic launcher, submitit_local and the local SLURM cluster (when `scontrol ping`
 answers: see tests/slurm/start.sh), and reads each job's summary.json:
 
@@ -12,6 +12,8 @@ answers: see tests/slurm/start.sh), and reads each job's summary.json:
   and the job's own data loading, model building and W&B start ("setup": `time/job_start` to
   `time/first_step`).
 
+Each job's thread count (tulip.cpus: its share of the cores) is in its summary.json; the `x basic`
+column compares each launcher's sweep wall time with the basic launcher's one job after another.
 Speed is never asserted here; the goal is <= 10 s overhead per job.
 """
 import argparse
@@ -29,7 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 GRID = ["optim.lr=0.05,0.1", "seed=0,1"]  # 4 jobs of identical cost
-JOB = ["epochs=1", "dataset=mnist5k", "attack=none"]
+JOB = ["dataset=mnist5k", "attack=none"]
 LAUNCHERS = {"basic": [], "submitit_local": ["hydra/launcher=submitit_local"],
              "slurm": ["hydra/launcher=slurm_local"]}
 
@@ -60,11 +62,13 @@ def overheads(jobs: list[dict], submitted: float, slots: int) -> list[float]:
 
 
 def run_sweep(name: str, extra: list[str], workdir: Path, timeout: float) -> dict:
+    # no OMP_NUM_THREADS from the caller's shell: each job's thread count is what Tulip chooses
     sweep_dir = workdir / name
     command = [sys.executable, str(ROOT / "run.py"), "-m", *GRID, *JOB, *LAUNCHERS[name], *extra,
                f"hydra.sweep.dir={sweep_dir}"]
     submitted = time.time()
-    done = subprocess.run(command, cwd=workdir, capture_output=True, text=True, timeout=timeout)
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    done = subprocess.run(command, cwd=workdir, capture_output=True, text=True, timeout=timeout, env=env)
     wall = time.time() - submitted
     if done.returncode != 0:
         raise RuntimeError(f"{name} sweep failed ({done.returncode}):\n{done.stderr[-3000:]}")
@@ -79,12 +83,13 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--launchers", default="basic,submitit_local,slurm",
                         help="comma-separated subset of: " + ",".join(LAUNCHERS))
     parser.add_argument("--wandb", default="offline", choices=["offline", "disabled"])
+    parser.add_argument("--epochs", type=int, default=1, help="per job")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per sweep")
     parser.add_argument("--keep", action="store_true", help="keep the sweep folders")
     args = parser.parse_args(argv)
 
     workdir = Path(tempfile.mkdtemp(prefix="tulip-bench-sweep-"))
-    rows, notes = [], []
+    rows, notes, walls = [], [], {}
     try:
         for name in args.launchers.split(","):
             slots = slurm_slots() if name == "slurm" else 1
@@ -92,14 +97,17 @@ def main(argv: list[str]) -> None:
                 notes.append(f"{name}: skipped, no SLURM cluster answers (bash tests/slurm/start.sh; "
                              f"export SLURM_CONF=...)")
                 continue
-            sweep = run_sweep(name, [f"wandb.mode={args.wandb}"], workdir, args.timeout)
+            sweep = run_sweep(name, [f"wandb.mode={args.wandb}", f"epochs={args.epochs}"], workdir, args.timeout)
             jobs = sweep["jobs"]
             if name == "submitit_local":  # starts every job at once
                 slots = len(jobs)
             over = overheads(jobs, sweep["submitted"], slots)
             setup = [j["time/first_step"] - j["time/job_start"] for j in jobs]
             train = [j["time/total_s"] - s for j, s in zip(jobs, setup)]
-            rows.append(f"| {name} | {len(jobs)} | {slots} | {sweep['wall']:.1f} | "
+            walls.setdefault("basic", sweep["wall"])
+            threads = sorted({str(j.get("threads", "?")) for j in jobs})
+            rows.append(f"| {name} | {len(jobs)} | {slots} | {'/'.join(threads)} | {sweep['wall']:.1f} | "
+                        f"{sweep['wall'] / walls['basic']:.2f} | "
                         f"{statistics.mean(over):.1f} | {max(over):.1f} | "
                         f"{statistics.mean(o - s for o, s in zip(over, setup)):.1f} | "
                         f"{statistics.mean(setup):.1f} | {statistics.mean(train):.1f} |")
@@ -107,13 +115,14 @@ def main(argv: list[str]) -> None:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
 
-    print(f"Sweep overhead: 4-job grid ({' x '.join(GRID)}), {' '.join(JOB)}, wandb.mode={args.wandb}; "
+    print(f"Sweep overhead: 4-job grid ({' x '.join(GRID)}), epochs={args.epochs} {' '.join(JOB)}, "
+          f"wandb.mode={args.wandb}; "
           f"{platform.node()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
           + (f"; folders kept in {workdir}" if args.keep else ""))
     print()
-    print("| launcher | jobs | slots | sweep wall s | overhead/job s (mean) | max | launch s | "
-          "job setup s | train+eval s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| launcher | jobs | slots | threads/job | sweep wall s | × basic | overhead/job s (mean) | max | "
+          "launch s | job setup s | train+eval s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     for note in notes:
         print(f"\n{note}")

@@ -1,0 +1,223 @@
+"""The GPU training path's settings, checked on the CPU: `precision=bf16` (autocast), `channels_last` and
+`compile`. Each is decided once per run (tulip.step.prepare_step); the per-epoch measurements, the
+checkpoints and the final evaluation stay float32 on the plain model. tests/test_cuda.py repeats the
+precision and compile checks on a GPU."""
+import copy
+import dataclasses
+import logging
+
+import pytest
+import torch
+
+import tulip.train
+from conftest import BF16_CASES, SHRINK, build_model_option, compose_config, objective_in_fp32_and_bf16
+from tulip.config import ConfigError
+from tulip.data import load_dataset
+from tulip.lipschitz import layer_norm_bound
+from tulip.main import run
+from tulip.objective import Objective, build_objective
+from tulip.run_folder import RunFolder, load_run
+from tulip.tracking import RunContext
+from tulip.step import prepare_step
+from tulip.train import train, train_one_epoch
+
+CPU = torch.device("cpu")
+# bf16 keeps 8 significant bits (0.4 % rounding per value). Every loss and penalty of BF16_CASES agrees
+# with float32 within 0.4 %; a penalty left to bf16's rounding where it subtracts nearby values was
+# 3 % (TRADES' KL) to 30x (the finite-difference penalty) off.
+BF16_REL = 1e-2
+# Runs of one training step (64 images, batch 64) without the final evaluation's bounds: what these tests
+# check is the training step.
+ONE_STEP = ["dataset.train_subset=64", "eval.bounds=false"]
+
+
+def compile_records(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "tulip.train" and "compile" in r.getMessage()]
+
+
+@pytest.fixture
+def compile_calls(monkeypatch):
+    """The models torch.compile was called on (it still compiles them)."""
+    calls, real = [], torch.compile
+
+    def spy(model, *args, **kwargs):
+        calls.append(model)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", spy)
+    return calls
+
+
+# --- precision ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("model_name, regularizer", BF16_CASES)
+def test_bf16_objective_computes_what_float32_computes(model_name, regularizer):
+    """Same weights, batch and random draws: the loss and every penalty (double backprop, input-gradient
+    batches, GloRo's K, TRADES' KL, finite differences) under bf16 autocast are float32's to 1 %."""
+    (fp32, fp32_gradient), (bf16, bf16_gradient) = objective_in_fp32_and_bf16(model_name, regularizer, "cpu")
+    # the bf16 step really ran in bf16: without autocast every comparison below would pass trivially
+    assert fp32.logits.dtype == torch.float32 and bf16.logits.dtype == torch.bfloat16
+    assert bf16.loss.item() == pytest.approx(fp32.loss.item(), rel=BF16_REL)
+    assert bf16.logs.keys() == fp32.logs.keys()
+    for name, value in fp32.logs.items():
+        assert bf16.logs[name].item() == pytest.approx(value.item(), rel=BF16_REL), name
+    if model_name == "cnn_4c3f":
+        # The weight gradients too (through the double backprop of lip and gradnorm). Not on cnn_small:
+        # BatchNorm's backward in bf16 moves its conv layers' gradients by 7-8 % with no regularizer at
+        # all, which is bf16's rounding, not the objective's.
+        assert (bf16_gradient - fp32_gradient).norm() <= 5e-2 * fp32_gradient.norm()
+
+
+def test_bf16_trains_under_autocast_and_measures_in_float32(tmp_path, monkeypatch):
+    """precision=bf16: every training step's objective runs under autocast; the per-epoch measurements,
+    the guaranteed layer bound, the checkpoint and the final evaluation do not (a certificate computed in
+    bf16 would not be sound)."""
+    seen = {"step": [], "measure": [], "bound": [], "evaluate": []}
+
+    def recorded(where, real):
+        def call(*args, **kwargs):
+            seen[where].append(torch.is_autocast_enabled("cpu"))
+            return real(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(Objective, "__call__", recorded("step", Objective.__call__))
+    monkeypatch.setattr(tulip.train, "measure", recorded("measure", tulip.train.measure))
+    monkeypatch.setattr(tulip.train, "layer_norm_bound", recorded("bound", tulip.train.layer_norm_bound))
+
+    def evaluate(model, data, folder, tracker):
+        seen["evaluate"].append(torch.is_autocast_enabled("cpu"))
+        assert model(data.test_x[:8]).dtype == torch.float32
+        return {}
+
+    with RunFolder(tmp_path).writer_lock() as folder:
+        train(compose_config("precision=bf16"), folder, RunContext(), evaluate)
+    assert len(seen["step"]) == 8 and all(seen["step"])  # 512 images, batch 64
+    assert seen["measure"] and seen["bound"] and seen["evaluate"]
+    assert not any(seen["measure"] + seen["bound"] + seen["evaluate"])
+    saved = RunFolder(tmp_path).load_checkpoint("last")
+    assert {v.dtype for v in saved["model"].values() if v.is_floating_point()} == {torch.float32}
+
+
+def test_precision_is_training_state_and_compile_and_channels_last_are_not(tmp_path, monkeypatch):
+    first = run(compose_config(*ONE_STEP), tmp_path)
+    checkpoint = (tmp_path / "checkpoints" / "last.pt").read_bytes()
+    with pytest.raises(ConfigError, match=r"differs in: precision\)"):
+        run(compose_config(*ONE_STEP, "precision=bf16"), tmp_path)
+    # Memory layout and compilation change no value: this is the finished run, nothing is retrained.
+    monkeypatch.setattr(torch, "compile", lambda model: pytest.fail("a finished run was compiled"))
+    again = run(compose_config(*ONE_STEP, "channels_last=true", "compile=true"), tmp_path)
+    assert again["test/error_pct"] == first["test/error_pct"]
+    assert (tmp_path / "checkpoints" / "last.pt").read_bytes() == checkpoint
+    # A run saved before `precision` existed trained in float32, and is still the same finished run.
+    folder = RunFolder(tmp_path)
+    for which in ("best", "last"):
+        saved = folder.load_checkpoint(which)
+        del saved["config"]["precision"]
+        folder.save_checkpoint(saved, which)
+    assert run(compose_config(*ONE_STEP), tmp_path)["test/error_pct"] == first["test/error_pct"]
+    with pytest.raises(ConfigError, match=r"differs in: precision\)"):
+        run(compose_config(*ONE_STEP, "precision=bf16"), tmp_path)
+
+
+# --- channels_last -----------------------------------------------------------------------------------
+
+def test_channels_last_trains_the_same_step_and_keeps_the_bounds(monkeypatch):
+    """channels_last=true on the CPU: NHWC weights and inputs, the same loss and weights after a step as
+    NCHW, the same guaranteed Lipschitz bound; channels_last=auto leaves a CPU run NCHW. On three-channel
+    images: with one channel NHWC and NCHW are the same layout."""
+    cfg = compose_config("channels_last=true", *SHRINK["cnn_small"])
+    digits = load_dataset(cfg.dataset, CPU)
+    x = digits.train_x[:64]
+    data = dataclasses.replace(digits, train_x=torch.cat([x, 1 - x, x.flip(-1)], 1), train_y=digits.train_y[:64])
+    torch.manual_seed(0)
+    nchw = build_model_option("cnn_small", SHRINK["cnn_small"], channels=3)
+    nhwc = copy.deepcopy(nchw)
+    objective = build_objective(cfg.reg, nhwc)
+    setup = prepare_step(cfg, nhwc, objective, data, CPU)
+    assert setup.model is nhwc and setup.memory_format == torch.channels_last
+    convolutions = [m.weight for m in nhwc.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convolutions and all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+                                for w in convolutions)
+    assert layer_norm_bound(nhwc) == pytest.approx(layer_norm_bound(nchw), rel=1e-6)
+
+    inputs = []
+    real_call = Objective.__call__
+
+    def record_input(self, model, x, y):
+        inputs.append(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+        return real_call(self, model, x, y)
+
+    monkeypatch.setattr(Objective, "__call__", record_input)
+    losses = {}
+    for name, model, memory_format in [("nchw", nchw, torch.contiguous_format),
+                                       ("nhwc", nhwc, setup.memory_format)]:
+        torch.manual_seed(1)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        losses[name] = train_one_epoch(model, objective, optimizer, data, 64, epoch=1, progress=False,
+                                       memory_format=memory_format)["train/loss"]
+    assert inputs == [False, True]
+    assert losses["nhwc"] == pytest.approx(losses["nchw"], rel=1e-5)
+    for a, b in zip(nchw.state_dict().values(), nhwc.state_dict().values()):  # BatchNorm statistics too
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+    model = build_model_option("cnn_small", SHRINK["cnn_small"], channels=3)
+    auto = compose_config(*SHRINK["cnn_small"])  # channels_last=auto, on the CPU
+    assert prepare_step(auto, model, objective, data, CPU).memory_format == torch.contiguous_format
+    assert all(m.weight.is_contiguous() for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+
+
+# --- compile -----------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_compile_trains_the_step_eager_trains(tmp_path, caplog, compile_calls):
+    """compile=true with a single-backprop objective: the step runs through torch.compile, its loss is the
+    eager step's, and the checkpoint holds the plain model's state_dict. Where torch.compile cannot run
+    (no C compiler), the run falls back to the eager model with one log line and still trains."""
+    caplog.set_level(logging.INFO, logger="tulip.train")
+    eager = run(compose_config(*ONE_STEP), tmp_path / "eager")
+    compiled = run(compose_config(*ONE_STEP, "compile=true"), tmp_path / "compiled")
+    assert len(compile_calls) == 1
+    records = compile_records(caplog)
+    if records:  # the fallback: say why, once
+        assert len(records) == 1 and "torch.compile failed" in records[0], records
+    assert compiled["train/loss"] == pytest.approx(eager["train/loss"], rel=1e-5)
+    saved = RunFolder(tmp_path / "compiled").load_checkpoint("last")["model"]
+    assert saved.keys() == RunFolder(tmp_path / "eager").load_checkpoint("last")["model"].keys()
+    assert not any(key.startswith("_orig_mod") for key in saved)
+    load_run(tmp_path / "compiled", CPU)  # a plain model loads it
+
+
+def test_compile_falls_back_for_double_backprop(tmp_path, caplog, compile_calls):
+    caplog.set_level(logging.INFO, logger="tulip.train")
+    metrics = run(compose_config(*ONE_STEP, "regularizer=lip", "compile=true"), tmp_path)
+    assert compile_calls == []
+    records = compile_records(caplog)
+    assert len(records) == 1 and "reg.penalties.lip needs double backprop" in records[0], records
+    assert metrics["train/penalty_lip"] > 0
+
+
+def test_compile_failure_falls_back_to_the_same_run(tmp_path, caplog, monkeypatch):
+    """torch.compile failing at the first call (as without a C compiler) leaves one log line and the run
+    eager training gives, bit for bit: the probe step that found the failure changed no BatchNorm
+    statistic, random generator or weight."""
+    caplog.set_level(logging.INFO, logger="tulip.train")
+    two_steps = ["dataset.train_subset=128", "eval.bounds=false"]  # a moved generator changes the batches
+    eager = run(compose_config(*two_steps), tmp_path / "eager")
+
+    class FailsWhenCalled(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x):
+            self.model(x)  # a train-mode forward pass moves BatchNorm's statistics, as a real try's would
+            torch.rand(1)  # and a draw moves the generator
+            raise RuntimeError("InvalidCxxCompiler: No working C compiler found\nmore details")
+
+    monkeypatch.setattr(torch, "compile", FailsWhenCalled)
+    fell_back = run(compose_config(*two_steps, "compile=true"), tmp_path / "fell_back")
+    records = compile_records(caplog)
+    assert records == ["compile=true: training the eager model: torch.compile failed "
+                       "(RuntimeError: InvalidCxxCompiler: No working C compiler found)"]
+    assert {k: v for k, v in fell_back.items() if not k.startswith("time/")} == \
+           {k: v for k, v in eager.items() if not k.startswith("time/")}
