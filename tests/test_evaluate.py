@@ -209,7 +209,7 @@ def test_tracker_gets_the_robust_error_curves(trained):
     cfg = compose_config("attack=fgsm", "attack.n=10", "attack.epsilons.linf=[0.1,0.3]")
     metrics = build_evaluation(cfg)(loaded.model, loaded.data, RunFolder(run_dir), tracker)
     assert set(tracker.tables) == {"attack/fgsm/robust_error", "attack/best/robust_error_linf",
-                                   "cert/certified_error"}
+                                   "cert/certified_error", "attack/per_image"}
     columns, rows, line = tracker.tables["attack/fgsm/robust_error"]
     assert columns == ["epsilon", "error_pct"] and line[:2] == ("epsilon", "error_pct")
     assert rows == [[0.1, metrics["attack/fgsm/error_pct_linf@0.1"]],

@@ -20,8 +20,11 @@ The original ran Foolbox 1.x one image per call; Foolbox 3 attacks take a batch 
 docstring names the paper, the norm and the defaults (which conf/attack/<name>.yaml repeats, so every
 parameter can be overridden, e.g. ``attack.methods.ddn.steps=100``).
 """
+import sys
+
 import foolbox
 import torch
+from tqdm import tqdm
 
 from tulip.metric_keys import NORMS
 from tulip.objective import boolean, nonnegative, positive, positive_int
@@ -93,7 +96,10 @@ def attack_distances(attack: Attack, model: torch.nn.Module, x: torch.Tensor, y:
     distances = {norm: torch.zeros(len(x)) for norm in NORMS}
     with frozen_eval(model):  # eval mode: BatchNorm statistics must not couple the images of a batch
         fmodel = foolbox.PyTorchModel(model, bounds=(0.0, 1.0), device=device)
-        for start in range(0, len(x), batch_size):
+        # A bar on a terminal only (as in training); a log gets tulip.evaluation's line per attack.
+        batches = tqdm(range(0, len(x), batch_size), desc=type(attack.foolbox_attack).__name__,
+                       leave=False, disable=not sys.stderr.isatty())
+        for start in batches:
             xb = x[start:start + batch_size].to(device)
             yb = y[start:start + batch_size].to(device)
             # Only correctly classified images are attacked; the others keep distance 0.

@@ -16,12 +16,14 @@ Each member below is a small factory: its docstring names the paper and the defa
 reference's ``version='standard'`` settings and which conf/attack/<member>_<norm>.yaml repeats.
 """
 import logging
+import sys
 from typing import Any, Callable
 
 import torch
 from pyautoattack.autopgd_base import APGDAttack, APGDAttack_targeted
 from pyautoattack.fab_pt import FABAttack_PT
 from pyautoattack.square import SquareAttack
+from tqdm import tqdm
 
 from tulip.attacks import perturbation_norms
 from tulip.metric_keys import NORMS
@@ -40,11 +42,12 @@ Build = Callable[[torch.nn.Module, float, int, torch.device], Any]
 class AutoAttackMember:
     """One member of the ensemble in one norm; satisfies tulip.evaluation.Attack."""
 
-    def __init__(self, norm: str, build: Build):
+    def __init__(self, norm: str, build: Build, name: str = "autoattack"):
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
         self.norm = norm
         self.build = build
+        self.name = name  # for the progress bar
 
     def within(self, delta: torch.Tensor, eps: float) -> torch.Tensor:
         """(B,) bool: is each perturbation within ε in this member's norm (up to float rounding)?"""
@@ -71,7 +74,10 @@ class AutoAttackMember:
         budgets = sorted({float(eps) for eps in epsilons if eps > 0})  # at ε = 0 nothing can be found
         # The reference reseeds torch's global generators on every call; the caller's streams are kept.
         with frozen_eval(model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            for start in range(0, len(x), batch_size):
+            # A bar on a terminal only (as in training); a log gets tulip.evaluation's line per member.
+            batches = tqdm(range(0, len(x), batch_size), desc=f"{self.name} {self.norm}", leave=False,
+                           disable=not sys.stderr.isatty())
+            for start in batches:
                 xb, yb = x[start:start + batch_size].to(device), y[start:start + batch_size].to(device)
                 with torch.no_grad():
                     left = (model(xb).argmax(1) == yb).nonzero().squeeze(1)  # only these are attacked
@@ -113,7 +119,7 @@ def apgd_ce(norm: str, n_iter: int = 100, n_restarts: int = 1, rho: float = 0.75
     _check_positive_ints(n_iter=n_iter, n_restarts=n_restarts)
     return AutoAttackMember(norm, lambda model, eps, classes, device: APGDAttack(
         model, n_iter=n_iter, norm=reference_norm, n_restarts=n_restarts, eps=eps, seed=seed, loss="ce",
-        rho=rho, device=device, logger=log))
+        rho=rho, device=device, logger=log), "apgd_ce")
 
 
 def apgd_t(norm: str, n_iter: int = 100, n_restarts: int = 1, n_target_classes: int = 9, rho: float = 0.75,
@@ -129,7 +135,7 @@ def apgd_t(norm: str, n_iter: int = 100, n_restarts: int = 1, n_target_classes: 
         return APGDAttack_targeted(model, n_iter=n_iter, norm=reference_norm, n_restarts=n_restarts, eps=eps,
                                    seed=seed, rho=rho, n_target_classes=min(n_target_classes, classes - 1),
                                    device=device, logger=log)
-    return AutoAttackMember(norm, build)
+    return AutoAttackMember(norm, build, "apgd_t")
 
 
 def fab_t(norm: str, n_iter: int = 100, n_restarts: int = 1, n_target_classes: int = 9, alpha_max: float = 0.1,
@@ -144,7 +150,7 @@ def fab_t(norm: str, n_iter: int = 100, n_restarts: int = 1, n_target_classes: i
     return AutoAttackMember(norm, lambda model, eps, classes, device: FABAttack_PT(
         model, norm=reference_norm, n_restarts=n_restarts, n_iter=n_iter, eps=eps, alpha_max=alpha_max,
         eta=eta, beta=beta, seed=seed, targeted=True, device=device,
-        n_target_classes=min(n_target_classes, classes - 1)))
+        n_target_classes=min(n_target_classes, classes - 1)), "fab_t")
 
 
 def square(norm: str, n_queries: int = 5000, n_restarts: int = 1, p_init: float = 0.8,
@@ -157,4 +163,4 @@ def square(norm: str, n_queries: int = 5000, n_restarts: int = 1, p_init: float 
     _check_positive_ints(n_queries=n_queries, n_restarts=n_restarts)
     return AutoAttackMember(norm, lambda model, eps, classes, device: SquareAttack(
         model, norm=reference_norm, n_queries=n_queries, eps=eps, p_init=p_init, n_restarts=n_restarts,
-        seed=seed, resc_schedule=rescale_schedule, device=device))
+        seed=seed, resc_schedule=rescale_schedule, device=device), "square")

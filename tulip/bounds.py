@@ -25,10 +25,12 @@ All functions take a model in eval mode (BatchNorm on running statistics, so ima
 the gradient of a summed loss is the per-image gradient) and images in [0, 1] on the model's device.
 """
 import math
+import sys
 from typing import NamedTuple
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from tulip.models import ReLU
 from tulip.perturbations import l2_direction
@@ -38,6 +40,12 @@ from tulip.perturbations import l2_direction
 NON_SMOOTH_MODULES = (ReLU, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.Hardtanh, nn.Hardswish,
                       nn.Hardsigmoid, nn.ELU, nn.CELU, nn.SELU, nn.MaxPool1d, nn.MaxPool2d,
                       nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+
+
+def _batches(n: int, batch_size: int, desc: str):
+    """The batch starts 0, batch_size, ... < n: with a progress bar on a terminal only, as in training
+    (a log gets tulip.evaluation's bounds lines)."""
+    return tqdm(range(0, n, batch_size), desc=desc, leave=False, disable=not sys.stderr.isatty())
 
 
 def is_smooth(model: nn.Module) -> bool:
@@ -70,7 +78,7 @@ class LossGradients(NamedTuple):
 def loss_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> LossGradients:
     """ℓ, ‖∇_x ℓ‖₂, the logit margin and the logits for every image of x (n, C, H, W); CPU tensors."""
     parts = []
-    for start in range(0, len(x), batch_size):
+    for start in _batches(len(x), batch_size, "bounds: gradients"):
         xb = x[start:start + batch_size].detach().requires_grad_(True)
         yb = y[start:start + batch_size]
         logits = model(xb)
@@ -88,7 +96,7 @@ def hessian_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size
     power steps from a seeded random start; each costs one double-backward pass."""
     generator = torch.Generator(device=x.device).manual_seed(seed)
     norms = []
-    for start in range(0, len(x), batch_size):
+    for start in _batches(len(x), batch_size, "bounds: Hessian norms"):
         xb = x[start:start + batch_size].detach().requires_grad_(True)
         yb = y[start:start + batch_size]
         (grad,) = torch.autograd.grad(probability_margin_loss(model(xb), yb).sum(), xb, create_graph=True)
@@ -179,7 +187,7 @@ def lipschitz_lower_bound(model: nn.Module, x: torch.Tensor, batch_size: int, st
     x = x[:images]
     generator = torch.Generator(device=x.device).manual_seed(seed)
     best = 0.0
-    for start in range(0, len(x), batch_size):
+    for start in _batches(len(x), batch_size, "bounds: Lipschitz lower bound"):
         a = x[start:start + batch_size]
         noise = torch.randn(a.shape, generator=generator, device=x.device, dtype=x.dtype)
         noise = radius * l2_direction(noise)

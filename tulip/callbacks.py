@@ -15,30 +15,25 @@ from pathlib import Path
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from tulip.cpus import JOBS_AT_ONCE, cpus_given
 from tulip.metric_keys import TEST_ERROR
-from tulip.run_folder import RunFolder, RunFolderError
+from tulip.report.runs import NO_SUMMARY, job_folders, read_overrides, read_summary
 
 
 def collect_jobs(sweep_dir: Path) -> list[dict]:
     """One dict per job folder of a sweep (a folder holding `.hydra/`), in job-number order:
     {"job", "folder", "status", "overrides", "summary"}. A job without summary.json has status
-    "missing" (still running, or killed before it could write one)."""
-    folders = [f for f in Path(sweep_dir).iterdir() if (f / ".hydra").is_dir()]
-    folders.sort(key=lambda f: (not f.name.isdigit(), int(f.name) if f.name.isdigit() else 0, f.name))
+    "missing" (still running, or killed before it could write one). Read as tulip-report reads them
+    (tulip.report.runs), so both name a job by the same overrides."""
     jobs = []
-    for folder in folders:
-        try:
-            summary = RunFolder(folder).read_summary()
-        except RunFolderError as error:  # listed as unreadable, never a crash of the sweep's last step
-            summary = {"status": "unreadable", "error": str(error)}
-        overrides = summary.get("overrides")
-        if overrides is None and (folder / ".hydra" / "overrides.yaml").is_file():
-            overrides = list(OmegaConf.load(folder / ".hydra" / "overrides.yaml"))
+    for folder in job_folders(sweep_dir):
+        summary, problem = read_summary(folder)
+        if problem and problem != NO_SUMMARY:  # listed as unreadable, never a crash of the sweep's last step
+            summary = {"status": "unreadable", "error": problem}
         jobs.append({"job": folder.name, "folder": folder, "status": summary.get("status", "missing"),
-                     "overrides": list(overrides or []), "summary": summary})
+                     "overrides": read_overrides(folder, summary), "summary": summary})
     return jobs
 
 

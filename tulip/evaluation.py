@@ -9,10 +9,10 @@ returns is handed to training, which calls it on the best checkpoint, and to ``m
 It evaluates the first ``attack.n`` test images (all when null):
 
 - every attack of ``attack.methods`` (the ``attack=[ddn,pgd_l2]`` group) and the per-image best over
-  them; per-image distances go to attacks.csv. Distances are 0 for an image the model already
-  misclassifies and +inf where an attack failed; medians are over all evaluated images (so +inf when
-  more than half survive every attack), means over the finite distances, and the robust error at ε is
-  the % of images at distance ≤ ε, for every ε of ``attack.epsilons.<norm>``;
+  them; per-image distances go to attacks.csv and to W&B as one table. Distances are 0 for an image
+  the model already misclassifies and +inf where an attack failed; medians are over all evaluated images
+  (so +inf when more than half survive every attack), means over the finite distances, and the robust
+  error at ε is the % of images at distance ≤ ε, for every ε of ``attack.epsilons.<norm>``;
 - with ``eval.bounds`` (default on) the lower bounds and certificates of tulip.bounds on the same images
   (bounds.csv): the pairwise certificate with the guaranteed Lipschitz bounds of tulip.lipschitz, its
   tightness against the best L2 attack when one ran, and a searched lower bound on the Lipschitz constant;
@@ -175,6 +175,8 @@ def evaluate_attacks(attacks: dict[str, Attack], model, x: torch.Tensor, y: torc
         _log_curve(tracker, f"attack/best/robust_error_{norm}", norm,
                    error_curve(best[norm], settings.epsilons[norm]))
     folder.write_csv("attacks", columns)
+    if tracker is not None:  # attacks.csv as one W&B table, to sort and filter images in the UI
+        tracker.log_table(metric_keys.ATTACK_PER_IMAGE, list(columns), [list(row) for row in zip(*columns.values())])
     return metrics, best
 
 

@@ -51,7 +51,8 @@ def run(cfg: DictConfig, run_dir: Path | str | None = None,
         evaluation = build_evaluation(cfg)
         if cfg.mode in ("evaluate", "summary"):
             with RunFolder(cfg.run_dir).writer_lock(create=False):
-                return evaluate_run(cfg, evaluation) if cfg.mode == "evaluate" else summarize_run(cfg)
+                return (evaluate_run(cfg, evaluation, context) if cfg.mode == "evaluate"
+                        else summarize_run(cfg, context))
         if run_dir is None:
             raise ValueError("run(cfg) outside Hydra needs run_dir")
         with RunFolder(run_dir).writer_lock() as folder:

@@ -30,6 +30,9 @@ The keys are the names of the per-epoch rows of metrics.jsonl, of summary.json a
     lipschitz/upper_over_lower              cert/lipschitz_upper / lipschitz/empirical_max (≥ 1)
     nn/<norm>_<stat>                        nearest differently-labelled training image
     summary/<stat>                          mode=summary's statistics of the best checkpoint
+    wandb/run_id, run_path, run_name, group the training job's W&B run (summary.json only; absent when
+                                            W&B is disabled or did not start): not metrics, but how the
+                                            W&B runs of mode=evaluate and mode=summary join its group
 
 A robust-error key ``…error_pct…@<eps>`` holds the % of evaluated images whose distance (adversarial, or
 certified radius) is ≤ eps; eps is written with ``%g`` (0.5, 1, 0.0313725). Older runs wrote the
@@ -65,6 +68,12 @@ BOUNDS_TIME = "time/bounds_s"  # the lower bounds and the certificate
 NN_TIME = "time/nn_s"
 BEST_TEST_ERROR = "best/test_error_pct"
 BEST_EPOCH = "best/epoch"
+# The training job's W&B run (tulip.tracking.Tracker.identity), in summary.json.
+WANDB_PREFIX = "wandb/"
+WANDB_RUN_ID = "wandb/run_id"
+WANDB_RUN_PATH = "wandb/run_path"  # entity/project/id (an offline run: project/id)
+WANDB_RUN_NAME = "wandb/run_name"
+WANDB_GROUP = "wandb/group"
 
 # Families logged once per epoch (W&B plots them against `epoch`).
 EPOCH_PREFIXES = ("train/", "test/", "lipschitz/", "weights/", "model/", "time/")
@@ -90,6 +99,7 @@ CERT_FEATURE_LIPSCHITZ_UPPER = "cert/lipschitz_feature_upper"
 CERT_LIPSCHITZ_ESTIMATE = "cert/lipschitz_estimate"
 CERT_PAIRWISE = "cert/pairwise"
 CERT_CURVE = "cert/certified_error"  # the W&B table of the certified-error curve
+ATTACK_PER_IMAGE = "attack/per_image"  # the W&B table of attacks.csv
 LIPSCHITZ_EMPIRICAL_MAX = "lipschitz/empirical_max"
 LIPSCHITZ_UPPER_OVER_LOWER = "lipschitz/upper_over_lower"
 # What eval.bounds writes: mode=evaluate replaces these (the lipschitz/ keys one by one: that family

@@ -6,25 +6,59 @@
   their csv files.
 - ``python run.py mode=summary run_dir=<path>``: what the original ``summary.py`` reported, recomputed on
   the best checkpoint and the whole test set, merged into summary.json as ``summary/*`` and printed.
+
+Each logs a W&B run of its own (job type ``evaluate`` / ``summary``, tulip.tracking) in the training
+run's group: the evaluation's curves, its per-image table and the mode's metrics as its summary.
 """
 import math
 
 import torch
-from omegaconf import DictConfig
+import yaml
+from omegaconf import DictConfig, OmegaConf
 
 from tulip import metric_keys
 from tulip.config import ConfigError, resolve_device
 from tulip.evaluation import Evaluation
 from tulip.measures import measure
 from tulip.perturbations import frozen_eval
-from tulip.run_folder import LoadedRun, load_run
+from tulip.run_folder import LoadedRun, RunFolder, load_run
 from tulip.seeding import seed_everything
+from tulip.tracking import JOB_EVALUATE, JOB_SUMMARY, RunContext, Tracker
+from tulip.train import NOT_TRAINING_STATE
 
 
 def _load(cfg: DictConfig) -> LoadedRun:
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)  # random starts of the attacks
     return load_run(cfg.run_dir, device)
+
+
+def _training_choices(folder: RunFolder) -> dict[str, str]:
+    """The config group choices of the job that trained `folder`, as Hydra recorded them in its
+    .hydra/hydra.yaml; {} for a run trained outside Hydra (or a file that cannot be read: they only
+    label the W&B run)."""
+    try:
+        recorded = yaml.safe_load((folder.path / ".hydra" / "hydra.yaml").read_text())
+        choices = recorded["hydra"]["runtime"]["choices"]
+        return {group: str(option) for group, option in choices.items() if option is not None}
+    except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def _tracker(cfg: DictConfig, run: LoadedRun, context: RunContext, job_type: str) -> Tracker:
+    """The mode's W&B run. Its config and choices (tags) are the training run's, with this command's
+    for what does not change what was trained (attack, eval, wandb, ...): the command's own defaults
+    (regularizer=none, ...) would file it under the wrong configuration in a sweep's W&B workspace."""
+    def from_command(key: str) -> bool:
+        return key.split("/")[0] in NOT_TRAINING_STATE or key.startswith("hydra/")
+
+    trained = OmegaConf.to_container(run.cfg, resolve=True)
+    command = OmegaConf.to_container(cfg, resolve=True)
+    config = {**{k: v for k, v in trained.items() if not from_command(k)},
+              **{k: v for k, v in command.items() if from_command(k)}}
+    choices = {**{g: o for g, o in _training_choices(run.folder).items() if not from_command(g)},
+               **{g: o for g, o in context.choices.items() if from_command(g)}}
+    return Tracker(OmegaConf.create(config), run.folder, RunContext(list(context.overrides), choices), job_type)
 
 
 def print_table(title: str, metrics: dict) -> None:
@@ -34,15 +68,21 @@ def print_table(title: str, metrics: dict) -> None:
         print(f"| {key:<{width}} | {value:.6g} |")
 
 
-def evaluate_run(cfg: DictConfig, evaluation: Evaluation) -> dict[str, float]:
+def evaluate_run(cfg: DictConfig, evaluation: Evaluation, context: RunContext | None = None) -> dict[str, float]:
     """``mode=evaluate``: `evaluation` on ``run_dir``'s best checkpoint, merged into its summary.json."""
     if not evaluation.families:
         raise ConfigError("mode=evaluate has nothing to do: set attack=<name> (e.g. attack=[ddn,pgd_l2]), "
                           "eval.bounds=true and/or eval.nn=true")
     run = _load(cfg)
     run.folder.read_summary()  # a damaged summary.json stops here, not after the evaluation's work
-    metrics = evaluation(run.model, run.data, run.folder)
-    run.folder.write_summary(metrics, merge=True, drop_prefixes=evaluation.families)
+    tracker = _tracker(cfg, run, context or RunContext(), JOB_EVALUATE)
+    try:
+        metrics = evaluation(run.model, run.data, run.folder, tracker)
+        run.folder.write_summary(metrics, merge=True, drop_prefixes=evaluation.families)
+    except BaseException:
+        tracker.finish({}, failed=True)
+        raise
+    tracker.finish(metrics, failed=False)
     print_table(f"evaluate {run.folder.path}", metrics)
     return metrics
 
@@ -67,14 +107,20 @@ def summary_statistics(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
     return metrics
 
 
-def summarize_run(cfg: DictConfig) -> dict[str, float]:
+def summarize_run(cfg: DictConfig, context: RunContext | None = None) -> dict[str, float]:
     """``mode=summary``: summary statistics of ``run_dir``'s best checkpoint on the whole test set,
     merged into its summary.json under ``summary/...`` and printed as a table."""
     run = _load(cfg)
-    with frozen_eval(run.model):
-        stats = summary_statistics(run.model, run.data.test_x, run.data.test_y, cfg.test_batch_size)
-    metrics = {metric_keys.summary(key): value for key, value in stats.items()}
-    metrics[metric_keys.summary("best_epoch")] = float(run.checkpoint["epoch"])
-    run.folder.write_summary(metrics, merge=True)
+    tracker = _tracker(cfg, run, context or RunContext(), JOB_SUMMARY)  # reads summary.json: damaged, it stops here
+    try:
+        with frozen_eval(run.model):
+            stats = summary_statistics(run.model, run.data.test_x, run.data.test_y, cfg.test_batch_size)
+        metrics = {metric_keys.summary(key): value for key, value in stats.items()}
+        metrics[metric_keys.summary("best_epoch")] = float(run.checkpoint["epoch"])
+        run.folder.write_summary(metrics, merge=True)
+    except BaseException:
+        tracker.finish({}, failed=True)
+        raise
+    tracker.finish(metrics, failed=False)
     print_table(f"summary {run.folder.path}", metrics)
     return metrics

@@ -5,8 +5,13 @@ default (no account, no network) and `wandb.mode=disabled` turns it into a no-op
 below never branches on whether W&B is on. W&B never fails a job: an online run that cannot reach
 its server within `wandb.init_timeout_s` becomes an offline run, and any other W&B error (at start,
 log or finish) is one warning, after which the job goes on without W&B.
+
+Every run has a W&B job type: `train` for a training attempt, `evaluate` and `summary` for the modes that
+work on an existing run folder. Those join the training run's group, which training records in
+summary.json (`wandb/*`: `Tracker.identity`), and their runs live in the same `<run folder>/wandb/`.
 """
 import logging
+import math
 import os
 import secrets
 import string
@@ -30,11 +35,18 @@ class RunContext:
 
 
 RUN_ID_LENGTH = 8
+OFFLINE_SUFFIX = "offline"  # the id of an online run's offline fallback: <id>offline
+JOB_TRAIN, JOB_EVALUATE, JOB_SUMMARY = "train", "evaluate", "summary"
 
 
 def _new_run_id() -> str:
     """An id like W&B's own (8 of [a-z0-9]); `secrets` leaves the seeded random generators alone."""
     return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(RUN_ID_LENGTH))
+
+
+def _job_type(run_id: str) -> str:
+    """The job type of a W&B run in a run folder, read from its id: <8 characters>[<job type>][offline]."""
+    return run_id[RUN_ID_LENGTH:].removesuffix(OFFLINE_SUFFIX) or JOB_TRAIN
 
 
 class Tracker:
@@ -43,29 +55,50 @@ class Tracker:
     A requeued job is a new attempt in the same folder; offline W&B runs cannot be resumed, so each
     attempt is its own run in the same group, named with an `-attempt<k>` suffix, and logs `epoch`
     as its x-axis so the attempts line up.
+
+    A `job_type` other than train is a mode working on the trained run in `folder`: its run is named
+    after the training run (`<name>-evaluate`), joins its group and holds its id and path in its config
+    (`training_run_id`, `training_run_path`) along with `run_dir`; `wandb.name` and `wandb.group`, when
+    set, still win. Its id ends with the job type, so that it never counts as a training attempt.
     """
 
-    def __init__(self, cfg: DictConfig, folder: RunFolder, context: RunContext):
+    def __init__(self, cfg: DictConfig, folder: RunFolder, context: RunContext, job_type: str = JOB_TRAIN):
         wandb_dir = folder.wandb_dir
         # Folders [offline-]run-<time>-<id>; an attempt that fell back to offline left two, with
         # ids <id> and <id>offline (W&B refuses to reuse the id of the run that failed to start).
-        previous_attempts = len({p.name.rsplit("-", 1)[-1][:RUN_ID_LENGTH] for p in wandb_dir.glob("*run-*")})
+        run_ids = [p.name.rsplit("-", 1)[-1] for p in wandb_dir.glob("*run-*")]
+        previous_attempts = len({i[:RUN_ID_LENGTH] for i in run_ids if _job_type(i) == JOB_TRAIN})
         wandb_dir.mkdir(parents=True, exist_ok=True)
-        name = cfg.wandb.name or ",".join(context.overrides) or "defaults"
-        if previous_attempts:
-            name = f"{name}-attempt{previous_attempts + 1}"
-        group = cfg.wandb.group or (context.sweep_dir.replace(os.sep, "_") if context.sweep_dir else None)
         tags = [f"{group_name}={option}" for group_name, option in sorted(context.choices.items())
                 if not group_name.startswith("hydra/")] + list(cfg.wandb.tags)
         config = OmegaConf.to_container(cfg, resolve=True)
         config["overrides"] = list(context.overrides)
         config["choices"] = dict(context.choices)
+        if job_type == JOB_TRAIN:
+            name = cfg.wandb.name or ",".join(context.overrides) or "defaults"
+            if previous_attempts:
+                name = f"{name}-attempt{previous_attempts + 1}"
+            group = cfg.wandb.group or (context.sweep_dir.replace(os.sep, "_") if context.sweep_dir else None)
+            run_id = _new_run_id()
+        else:
+            # A training run without W&B (disabled, or W&B failed) recorded no identity: the name falls
+            # back to what training would have called it, and the run has no group and no link.
+            trained = folder.read_summary()
+            trained_name = (trained.get(metric_keys.WANDB_RUN_NAME)
+                            or ",".join(trained.get("overrides") or []) or "defaults")
+            name = cfg.wandb.name or f"{trained_name}-{job_type}"
+            group = cfg.wandb.group or trained.get(metric_keys.WANDB_GROUP)
+            config.update(run_dir=str(folder.path), training_run_id=trained.get(metric_keys.WANDB_RUN_ID),
+                          training_run_path=trained.get(metric_keys.WANDB_RUN_PATH))
+            run_id = _new_run_id() + job_type
         self.broken = False
         self.run = self._mirror(lambda: self._start(
             cfg.wandb.mode, float(cfg.wandb.init_timeout_s), float(cfg.wandb.finish_timeout_s),
-            project=cfg.wandb.project,
-            entity=cfg.wandb.entity, group=group, name=name, tags=[t[:64] for t in tags], config=config,
-            dir=str(folder.path), reinit="finish_previous", id=_new_run_id()))
+            project=cfg.wandb.project, entity=cfg.wandb.entity, group=group, name=name, job_type=job_type,
+            tags=[t[:64] for t in tags], config=config, dir=str(folder.path), reinit="finish_previous",
+            id=run_id))
+        # What summary.json records of this run (metric_keys.WANDB_*), read once while the run is live.
+        self.identity: dict[str, str] = self._mirror(self._identity) or {}
 
     @staticmethod
     def _start(mode: str, timeout: float, finish_timeout: float, **init):
@@ -78,7 +111,7 @@ class Tracker:
         except Exception as error:
             if mode != "online":
                 raise
-            run = wandb.init(mode="offline", settings=settings, **{**init, "id": init["id"] + "offline"})
+            run = wandb.init(mode="offline", settings=settings, **{**init, "id": init["id"] + OFFLINE_SUFFIX})
             log.warning("W&B could not start an online run (%s: %s; wandb.init_timeout_s=%g); this run "
                         "logs offline instead: upload it later with `wandb sync %s`", type(error).__name__,
                         str(error).partition("\n")[0], timeout, run.settings.sync_dir)
@@ -89,6 +122,15 @@ class Tracker:
         # The W&B summary of test error keeps its best (min) and its final value.
         run.define_metric(metric_keys.TEST_ERROR, step_metric=metric_keys.EPOCH, summary="min,last")
         return run
+
+    def _identity(self) -> dict[str, str]:
+        """The run's id, path, name and group; {} without a run, or for wandb.mode=disabled, whose
+        no-op run has an id that names nothing."""
+        if self.run is None or self.run.disabled:
+            return {}
+        identity = {metric_keys.WANDB_RUN_ID: self.run.id, metric_keys.WANDB_RUN_PATH: self.run.path,
+                    metric_keys.WANDB_RUN_NAME: self.run.name, metric_keys.WANDB_GROUP: self.run.group}
+        return {key: value for key, value in identity.items() if value}  # a single run has no group
 
     def _mirror(self, call):
         """W&B only mirrors the files. If it cannot start or its service dies (SLURM sends SIGTERM to
@@ -109,9 +151,11 @@ class Tracker:
 
     def log_table(self, key: str, columns: list[str], rows: list[list],
                   line: tuple[str, str, str] | None = None) -> None:
-        """Log a table; with line=(x, y, title) also a W&B line plot of column y against x."""
+        """Log a table; with line=(x, y, title) also a W&B line plot of column y against x. A non-finite
+        float is an empty cell, as in the summary: W&B writes the table as JSON, which has no inf."""
         def log_entries():
-            table = wandb.Table(columns=columns, data=rows)
+            table = wandb.Table(columns=columns, data=[[None if isinstance(v, float) and not math.isfinite(v)
+                                                        else v for v in row] for row in rows])
             entries = {key: table}
             if line is not None:
                 x, y, title = line

@@ -180,7 +180,8 @@ def train(cfg: DictConfig, folder: RunFolder, context: RunContext, evaluate: Fin
                                           for c in (saved_config, config)))):
             log.info("%s already holds this finished run: nothing to do (mode=evaluate run_dir=%s "
                      "re-evaluates it)", folder.path, folder.path)
-            return {k: v for k, v in finished.items() if k not in ("status", "overrides", "error")}
+            return {k: v for k, v in finished.items()
+                    if k not in ("status", "overrides", "error") and not k.startswith(metric_keys.WANDB_PREFIX)}
     folder.write_metrics_history(state.history)
     setup = prepare_step(cfg, model, objective, data, device)  # torch.compile compiles here
 
@@ -193,8 +194,10 @@ def train(cfg: DictConfig, folder: RunFolder, context: RunContext, evaluate: Fin
     progress = sys.stderr.isatty()
     # The per-epoch Lipschitz figures' images: fixed (seed 0), so runs of every seed measure the same ones.
     lipschitz_images = class_balanced_subset(data.test_y, cfg.eval.n, seed=0)
+    # tracker.identity: this attempt's W&B run, which mode=evaluate and mode=summary log next to
     summary = {"status": "failed", "epoch": state.epoch, "overrides": list(context.overrides),
-               "time/job_start": job_start, "threads": torch.get_num_threads(), **phase_times}
+               "time/job_start": job_start, "threads": torch.get_num_threads(), **phase_times,
+               **tracker.identity}
     final: dict = {}
     ending_error = None
     try:

@@ -1,32 +1,45 @@
-"""`tulip-report`: one table and a few plots from a sweep, as plain files (no W&B, no network).
+"""`tulip-report`: tables and figures from a sweep, as plain files (no W&B, no network).
 
     tulip-report multirun/2026-11-02/10-00-00                 # a Hydra multirun folder
-    tulip-report outputs/a outputs/b --out report/ --by model  # several run folders
+    tulip-report multirun/part_a multirun/part_b --out report/ # several sweeps in one report
+    tulip-report outputs/a outputs/b --out report/ --by model  # run folders
+    tulip-report --from-csv report/report.csv --order none,lip # redraw the figures from a table
     python -m tulip.report multirun/... --metric +train/loss   # the same, as a module
 
 Reads every run folder found below the inputs (a folder holding summary.json or .hydra/overrides.yaml):
 summary.json, metrics.jsonl, .hydra/{overrides,hydra,config}.yaml and, for a summary.json without
-robust-error curves, the per-image distances in attacks.csv and bounds.csv. A run's configuration is
-its overrides without `seed` (and without `wandb.*`, which does not change a result);
+robust-error curves, the per-image distances in attacks.csv and bounds.csv. A run's overrides are
+those its summary.json records, else .hydra/overrides.yaml, parsed by Hydra's override parser. A run's
+configuration is its overrides without `seed` (and without `wandb.*`, which does not change a result);
 the override keys whose values differ between runs are the swept keys and become the table's columns.
 The finished runs of a configuration are aggregated over seeds: mean ± sample standard deviation
 (ddof=1) and their count. Failed, diverged and unreadable runs are counted in the status columns and
 listed by folder in report.md, never dropped.
 
 Writes into --out (default: the first input folder):
+  runs.csv                      one row per run: folder, status, configuration columns, seed, every metric
   report.csv                    one row per configuration, raw metric keys (`<key>`, `<key>_std`)
-  report.md                     the same tables for humans, the problem runs, and the plots
-  multiplier_<key>.png          test error and lipschitz/loss_grad_max against each swept reg.* multiplier
-  robust_error.png              robust error against ε per attack (and the certified error), per config
-  training_curves.png           test error and lipschitz/loss_grad_max per epoch, per config
+  report.md                     the same tables for humans, the problem runs, and the figures
+  multiplier_<key>.{pdf,png}    test error and lipschitz/loss_grad_max against each swept reg.* multiplier
+  robust_error.{pdf,png}        robust error against ε per attack (and the certified error), per config
+  clean_vs_robust.{pdf,png}     robust error at one ε against test error, one point per config
+  training_curves.{pdf,png}     test error and lipschitz/loss_grad_max per epoch, per config
 Exit status 1 only when not a single run could be read; every unreadable run is named on stderr.
 
 The package, one job per module (none imports a later one):
-  runs.py     finding and reading run folders
-  tables.py   configurations, aggregation over seeds, report.csv and report.md
-  plots.py    the three plots
+  runs.py     finding and reading run folders and multirun.yaml (also tulip.callbacks' reader)
+  tables.py   runs.csv, configurations, aggregation over seeds (pandas), report.csv and report.md
+  plots.py    the figures
   cli.py      the command line (`main`)
 """
-from tulip.report.cli import main
+
+
+def main(argv=None) -> int:
+    # Imported here, not at the top: tulip.callbacks (loaded at the start of every Hydra job) imports
+    # tulip.report.runs, and must not pay for matplotlib and pandas on the way.
+    from tulip.report.cli import main as run_main
+
+    return run_main(argv)
+
 
 __all__ = ["main"]

@@ -1,39 +1,28 @@
-"""The `tulip-report` command line: arguments, then read the runs, plot, and write the tables."""
+"""The `tulip-report` command line: arguments, then read the runs, tabulate, plot, and write."""
 import argparse
 import sys
 from pathlib import Path
 
-from tulip import metric_keys
-from tulip.report.plots import plot_multipliers, plot_robust_error, plot_training_curves
-from tulip.report.runs import lookup, read_runs, read_yaml
-from tulip.report.tables import group_runs, select_metrics, swept_keys, write_csv, write_markdown
+import pandas as pd
+
+from tulip.report.plots import make_figures, scatter_curve
+from tulip.report.runs import normalise, read_runs, read_sweep, sweep_text
+from tulip.report.tables import (RunTable, aggregate, read_report_csv, select_metrics, swept_keys, write_csv,
+                                 write_markdown)
 
 DEFAULT_BY = "regularizer"
-
-
-def sweep_overrides(inputs: list[Path]) -> list[str]:
-    """What the multirun swept, from multirun.yaml: the command line's task overrides (`reg.lip=0,0.1`)
-    and the sweeper params of a sweep config (sweeps/*.yaml) that the command line did not replace."""
-    for root in inputs:
-        hydra_cfg = lookup(read_yaml(root / "multirun.yaml") or {}, "hydra") or {}
-        task = [str(o) for o in lookup(hydra_cfg, "overrides.task") or []]
-        given = {o.split("=", 1)[0].lstrip("+~") for o in task}
-        params = lookup(hydra_cfg, "sweeper.params") or {}
-        swept = task + [f"{k}={v}" for k, v in params.items() if k not in given]
-        if swept:
-            return swept
-    return []
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(
         prog="tulip-report",
-        description="Tables (report.md, report.csv) and PNG plots from Tulip run folders or a "
-                    "multirun folder.")
-    parser.add_argument("inputs", nargs="+", type=Path,
-                        help="a multirun folder (numbered job folders) and/or run folders; "
-                             "searched recursively")
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default: the first input)")
+        description="Tables (report.md, report.csv, runs.csv) and figures (PDF and PNG) from Tulip run "
+                    "folders or a multirun folder.")
+    parser.add_argument("inputs", nargs="*", type=Path,
+                        help="multirun folders (numbered job folders) and/or run folders; searched "
+                             "recursively")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output folder (default: the first input, or the folder of --from-csv)")
     parser.add_argument("--by", default=None, metavar="KEY",
                         help="grouping key (override, config group or config key): the table's first "
                              f"column and one plot line per value (default: {DEFAULT_BY}, the "
@@ -41,11 +30,25 @@ def parse_args(argv):
     parser.add_argument("--metric", action="append", default=[], metavar="KEY",
                         help="summary.json key (glob allowed, e.g. 'attack/*/median_*') for the table; "
                              "KEY replaces the default columns, +KEY adds to them; repeatable")
-    return parser.parse_args(argv)
+    parser.add_argument("--order", default=None, metavar="V1,V2,...",
+                        type=lambda text: [normalise(v) for v in text.split(",") if v],
+                        help="the --by key's values in this order in the tables and legends (default: "
+                             "the order the multirun.yaml files sweep them in; `none` always first)")
+    parser.add_argument("--epsilon", type=float, default=None, metavar="EPS",
+                        help="the ε of the clean-vs-robust scatter (default: the median ε of the curve)")
+    parser.add_argument("--from-csv", type=Path, default=None, metavar="CSV",
+                        help="redraw the figures (all but the training curves) from a runs.csv or "
+                             "report.csv that tulip-report wrote, without the run folders")
+    args = parser.parse_args(argv)
+    if bool(args.inputs) == bool(args.from_csv):
+        parser.error("give run folders or --from-csv CSV (one of the two)")
+    return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.from_csv:
+        return replot(args)
     out = args.out or args.inputs[0]
     runs, messages = read_runs(args.inputs)
     for message in messages:
@@ -63,35 +66,72 @@ def main(argv=None) -> int:
                   f"config key such as regularizer, model, reg.lip)", file=sys.stderr)
             return 2
         by = None  # runs without Hydra's record of the regularizer choice: group by swept keys only
-    keys = swept_keys(placed, by)
-    configurations = group_runs(placed, keys)
-    metrics, unmatched = select_metrics(runs, args.metric)
+    table = RunTable.from_runs(runs, by)
+    placed_rows = table.rows([run.has_configuration for run in runs])
+    keys = swept_keys(placed_rows, by)
+    sweep = read_sweep(args.inputs)
+    order = args.order or [value for swept in sweep if swept.key == by for _, value in swept.values]
+    configurations, members = aggregate(placed_rows, keys, table.metrics, order)
+    metrics, unmatched = select_metrics(table.metrics, args.metric)
     for pattern in unmatched:
         messages.append(f"--metric {pattern}: no run's summary.json has a numeric key matching it")
         print(f"tulip-report: {messages[-1]}", file=sys.stderr)
+    try:
+        scatter = scatter_curve(table.metrics, args.epsilon)
+    except ValueError as error:
+        print(f"tulip-report: {error}", file=sys.stderr)
+        return 2
     out.mkdir(parents=True, exist_ok=True)
 
-    plots = []
-    multipliers = [k for k in keys if k.startswith("reg.")
-                   and all(isinstance(c.values[keys.index(k)], (int, float)) for c in configurations
-                           if c.values[keys.index(k)] is not None)]
-    for key in multipliers:
-        file = out / f"multiplier_{key}.png"
-        if plot_multipliers(file, key, keys, configurations):
-            plots.append((f"Test error and Lipschitz estimate against {key}", file))
-    file = out / "robust_error.png"
-    # Every curve, whatever --metric chose for the table.
-    curves, _ = select_metrics(runs, list(metric_keys.ROBUST_ERROR_GLOBS))
-    if plot_robust_error(file, keys, runs, configurations, curves):
-        plots.append(("Robust error against ε", file))
-    file = out / "training_curves.png"
-    if plot_training_curves(file, keys, configurations):
-        plots.append(("Training curves", file))
-
-    write_csv(out / "report.csv", keys, configurations, metrics)
+    # Every figure from every metric, whatever --metric chose for the table.
+    plots, notes = make_figures(out, keys, by, configurations, table.metrics, scatter,
+                                [[placed[i] for i in rows] for rows in members])
+    for note in notes:
+        print(f"tulip-report: {note}")
+    # runs.csv in the table's order (a configuration's runs in folder order), the unplaced runs last:
+    # `--from-csv runs.csv` then finds the sweep's order in it.
+    positions = [i for i, run in enumerate(runs) if run.has_configuration]
+    unplaced = [i for i, run in enumerate(runs) if not run.has_configuration]
+    table.rows([positions[i] for rows in members for i in rows] + unplaced).write_csv(out / "runs.csv")
+    write_csv(out / "report.csv", configurations, keys, metrics)
     write_markdown(out / "report.md", args.inputs, keys, runs, configurations, metrics, plots, messages,
-                   sweep_overrides(args.inputs))
+                   sweep_text(sweep), notes)
     readable = sum(run.status != "unreadable" for run in runs)
     print(f"tulip-report: {readable}/{len(runs)} runs read, {len(configurations)} configurations -> "
-          f"{out / 'report.md'}, {out / 'report.csv'}, {len(plots)} plots")
+          f"{out / 'report.md'}, report.csv, runs.csv, {len(plots)} figures (PDF and PNG)")
+    return 0
+
+
+def replot(args) -> int:
+    """--from-csv: the figures from a report.csv (one row per configuration, the configuration columns
+    before `seeds`) or a runs.csv (one row per run, aggregated here)."""
+    path = args.from_csv
+    out = args.out or path.parent
+    try:
+        if "seeds" in pd.read_csv(path, nrows=0).columns:
+            configurations, keys, metrics = read_report_csv(path, args.order or ())
+            by = keys[0] if keys else None  # report.csv puts the grouping key first
+            if args.by and args.by != by:
+                print(f"tulip-report: --by {args.by}: {path} is grouped by {by}", file=sys.stderr)
+                return 2
+        else:
+            table = RunTable.read_csv(path)
+            by = args.by or (DEFAULT_BY if DEFAULT_BY in table.columns else None)
+            if by is not None and by not in table.columns:
+                print(f"tulip-report: --by {by}: no such column in {path}", file=sys.stderr)
+                return 2
+            placed = table.rows(table.placed)
+            keys, metrics = swept_keys(placed, by), table.metrics
+            order = args.order or (list(placed.frame[by]) if by else [])  # the order runs.csv lists them in
+            configurations, _ = aggregate(placed, keys, metrics, order)
+        scatter = scatter_curve(metrics, args.epsilon)
+    except (OSError, ValueError, pd.errors.ParserError) as error:
+        print(f"tulip-report: {error}", file=sys.stderr)
+        return 2 if isinstance(error, ValueError) and "--epsilon" in str(error) else 1
+    out.mkdir(parents=True, exist_ok=True)
+    plots, notes = make_figures(out, keys, by, configurations, metrics, scatter)
+    for note in notes:
+        print(f"tulip-report: {note}")
+    print(f"tulip-report: {len(configurations)} configurations from {path} -> {len(plots)} figures "
+          f"(PDF and PNG) in {out}: " + ", ".join(png.stem for _, png in plots))
     return 0

@@ -1,5 +1,10 @@
 """Finding and reading the run folders of a sweep: overrides, Hydra's record, summary.json, metrics.jsonl
-and, for a summary without robust-error curves, the per-image distances of attacks.csv and bounds.csv."""
+and, for a summary without robust-error curves, the per-image distances of attacks.csv and bounds.csv.
+
+This is the one reader of a job folder: tulip.callbacks.collect_jobs (the end-of-sweep table) reads the
+same files through `job_folders`, `read_summary` and `read_overrides`, so both see the same overrides.
+It imports nothing from tulip.callbacks, which imports it.
+"""
 import csv
 import re
 from dataclasses import dataclass, field
@@ -7,6 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
+from hydra.errors import HydraException
 
 from tulip import metric_keys
 from tulip.run_folder import RunFolder, RunFolderError
@@ -16,12 +24,13 @@ from tulip.run_folder import RunFolder, RunFolderError
 # certificate (kept for comparison; the certified curve is that of certified_l2).
 NOT_DISTANCES = ("index", "label", "prediction", "first_order_l2", "second_order_l2", "certified_global_l2")
 CERTIFIED_COLUMN = "certified_l2"  # bounds.csv (older runs: attacks.csv): the certified L2 radii
+NO_SUMMARY = "no summary.json (crashed before writing it, or still running)"
 
 
 @dataclass
 class Run:
     path: Path
-    overrides: dict  # {"reg.lip": 0.1, "seed": 1, ...} from .hydra/overrides.yaml
+    overrides: dict  # {"reg.lip": 0.1, "seed": 1, ...}, parsed from `read_overrides`
     choices: dict  # Hydra's group choices {"regularizer": "lip", ...} from .hydra/hydra.yaml
     config: dict  # the composed config, .hydra/config.yaml
     status: str  # finished | failed | diverged | unreadable | whatever summary.json says
@@ -44,17 +53,31 @@ class Run:
         return bool(self.overrides or self.choices or self.config)
 
 
+def natural_order(path: Path) -> list:
+    """Job 2 before job 10."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name)]
+
+
 def find_run_folders(root: Path) -> list[Path]:
     """Run folders at or below `root`, in natural order (job 2 before job 10)."""
     if RunFolder(root).summary_file.exists() or (root / ".hydra").is_dir():
         return [root]
     children = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
-                      key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)])
+                      key=natural_order)
     return [run for child in children for run in find_run_folders(child)]
+
+
+def job_folders(sweep_dir: Path) -> list[Path]:
+    """The job folders directly inside a sweep folder (those holding `.hydra/`), numbered jobs first
+    in number order, then any others by name."""
+    folders = [f for f in Path(sweep_dir).iterdir() if (f / ".hydra").is_dir()]
+    return sorted(folders, key=lambda f: (not f.name.isdigit(), natural_order(f)))
 
 
 def normalise(value):
     """One spelling per value, so `reg.lip=1e-3` on the command line equals 0.001 in config.yaml."""
+    if value is None:  # `key=null`: the key is unset, as in a config without it
+        return None
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
@@ -86,35 +109,128 @@ def read_yaml(path: Path):
         return None
 
 
+_PARSER = OverridesParser.create()
+
+
+def parse_override(text: str) -> Override | None:
+    """One override as Hydra parses it (`+key=1`, `~key`, `key='a,b'`, `key=[1,2]`, `key=a,b`), or None
+    for text Hydra would not accept."""
+    try:
+        (override,) = _PARSER.parse_overrides([str(text)])
+    except (HydraException, ValueError):
+        return None
+    return override
+
+
+def override_key(override: Override) -> str:
+    """The config key or group an override sets (`+reg.extra=1` -> reg.extra); `group@pkg` keeps its
+    package, which makes it another key."""
+    return f"{override.key_or_group}@{override.package}" if override.package else override.key_or_group
+
+
 def parse_overrides(overrides) -> dict:
-    """["reg.lip=0.1", "+x=1", "~y"] -> {"reg.lip": 0.1, "x": 1} (deletions are not configurations)."""
+    """["reg.lip=0.1", "+x=1", "~y", "k='a,b'"] -> {"reg.lip": 0.1, "x": 1, "k": "a,b"}: Hydra's own
+    parser, so prefixes and quoting mean what they meant on the command line. Deletions set nothing and
+    are left out; text Hydra rejects is split at its first `=` rather than dropped."""
     parsed = {}
     for item in overrides or []:
-        key, sep, value = str(item).partition("=")
-        if sep:
-            parsed[key.lstrip("+")] = normalise(value)
+        override = parse_override(item)
+        if override is None:
+            key, sep, value = str(item).partition("=")
+            if sep:
+                parsed[key.lstrip("+~")] = normalise(value)
+        elif not override.is_delete():
+            value = override.value()
+            if override.is_sweep_override():  # not in a job's record; kept as written if it ever is
+                value = str(item).split("=", 1)[1]
+            parsed[override_key(override)] = normalise(value)
     return parsed
+
+
+def read_summary(path: Path) -> tuple[dict, str]:
+    """(summary.json, "") or ({}, why it cannot be read): NO_SUMMARY when there is none yet. A run killed
+    while writing, or still running, is reported rather than raising."""
+    folder = RunFolder(path)
+    if not folder.summary_file.exists():
+        return {}, NO_SUMMARY
+    try:
+        return folder.read_summary(), ""
+    except RunFolderError as error:
+        return {}, str(error)
+
+
+def read_overrides(path: Path, summary: dict) -> list[str]:
+    """The overrides a job ran with, as written: summary.json's own record, else .hydra/overrides.yaml.
+    summary.json first because it holds them next to the numbers they produced: a sweep relaunched into
+    the same folder rewrites .hydra/ for a job it then skips as finished, leaving the old summary."""
+    overrides = summary.get("overrides")
+    if overrides is None:
+        overrides = read_yaml(path / ".hydra" / "overrides.yaml")
+    return [str(o) for o in overrides] if isinstance(overrides, list) else []
 
 
 def read_run(path: Path) -> Run:
     folder = RunFolder(path)
-    overrides_file = read_yaml(path / ".hydra" / "overrides.yaml")
+    summary, problem = read_summary(path)
     choices = lookup(read_yaml(path / ".hydra" / "hydra.yaml") or {}, "hydra.runtime.choices") or {}
     config = read_yaml(path / ".hydra" / "config.yaml") or {}
-
-    # A run killed while writing, or still running, is reported as unreadable rather than raising.
-    problem, summary = "", {}
-    if not folder.summary_file.exists():
-        problem = "no summary.json (crashed before writing it, or still running)"
-    else:
-        try:
-            summary = folder.read_summary()
-        except RunFolderError as error:
-            problem = str(error)
-
-    overrides = parse_overrides(overrides_file if overrides_file is not None else summary.get("overrides"))
+    overrides = parse_overrides(read_overrides(path, summary))
     status = "unreadable" if problem else str(summary.get("status", "unknown"))
     return Run(path, overrides, choices, config, status, summary, folder.read_metrics(), problem)
+
+
+@dataclass
+class SweptOverride:
+    """One key of what a multirun swept, from its multirun.yaml."""
+    key: str  # the config key or group (`override_key`), for matching against run values
+    written: str  # the key as written, prefix included (`+reg.extra`, `~key`)
+    values: list = field(default_factory=list)  # [(text as written, normalised value)], first seen first
+
+
+def read_sweep(inputs: list[Path]) -> list[SweptOverride]:
+    """What the multiruns below the inputs swept: each multirun.yaml's command-line task overrides
+    (`reg.lip=0,0.1`) and the sweeper params of its sweep config (sweeps/*.yaml) that the command line
+    did not replace. The values of a key are the union over all inputs, in first-seen order, so a report
+    over several sweep folders names every value that any of them ran."""
+    swept: dict[str, SweptOverride] = {}
+    for root in inputs:
+        hydra_cfg = lookup(read_yaml(root / "multirun.yaml") or {}, "hydra") or {}
+        task = [str(o) for o in lookup(hydra_cfg, "overrides.task") or []]
+        params = lookup(hydra_cfg, "sweeper.params") or {}
+        given = {override_key(o) for o in map(parse_override, task) if o is not None}
+        texts = task + [f"{k}={v}" for k, v in params.items()
+                        if (o := parse_override(f"{k}={v}")) is None or override_key(o) not in given]
+        for text in texts:
+            override = parse_override(text)
+            if override is None:  # shown as written
+                swept.setdefault(text, SweptOverride(text, text))
+                continue
+            entry = swept.setdefault(override.get_key_element(),
+                                     SweptOverride(override_key(override), override.get_key_element()))
+            for value in sweep_values(override, text):
+                if value[0] not in [seen for seen, _ in entry.values]:
+                    entry.values.append(value)
+    return list(swept.values())
+
+
+def sweep_values(override: Override, text: str) -> list[tuple]:
+    """[(text, value)] of one override: each choice of a sweep (`a,b`, `range(3)`), else its one value;
+    an interval or glob, which has no list of values, as written."""
+    if override.is_delete() and override.value() is None:
+        return []
+    written = text.split("=", 1)[1] if "=" in text else ""
+    if not override.is_sweep_override():
+        return [(written, normalise(override.value()))]
+    try:
+        texts, values = override.sweep_string_iterator(), override.sweep_iterator()
+        return [(text, normalise(value)) for text, value in zip(texts, values)]
+    except HydraException:
+        return [(written, None)]
+
+
+def sweep_text(swept: list[SweptOverride]) -> list[str]:
+    """The sweep as override text: `regularizer=none,lip seed=0,1,2 ~key`."""
+    return [f"{s.written}={','.join(t for t, _ in s.values)}" if s.values else s.written for s in swept]
 
 
 def read_columns(path: Path) -> dict[str, list[str]]:

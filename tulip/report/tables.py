@@ -1,4 +1,11 @@
-"""Configurations of a sweep and their aggregates over seeds, written as report.csv and report.md."""
+"""The runs as a tidy table (runs.csv), their configurations aggregated over seeds with pandas
+(report.csv), and report.md.
+
+A configuration is one combination of the swept keys' values. Its row holds, for every metric, the mean
+and sample standard deviation (ddof=1) over its finished runs and how many of them have the metric; a
+metric that some run recorded as non-finite (summary.json stores null) makes the mean and std NaN
+instead of silently leaving them to the finite runs.
+"""
 import csv
 import fnmatch
 import math
@@ -6,13 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from tulip import metric_keys
-from tulip.report.runs import Run
+from tulip.report.runs import Run, normalise
 
 STATUSES = ("finished", "failed", "diverged", "unreadable")
-# Keys that never define a configuration: the seed is aggregated over, wandb.* only names the log.
-NOT_CONFIGURATION = ("seed", "wandb.*", "hydra.*")
+# Keys that never define a configuration: the seed is aggregated over, wandb.* only names the log,
+# hydra.* and hydra/* (launcher, sweeper) only say where and how the job ran.
+NOT_CONFIGURATION = ("seed", "wandb.*", "hydra.*", "hydra/*")
+BASELINE = "none"  # the value that is no method at all (regularizer=none): first in tables and legends
 ATTACK_ERRORS, CERTIFIED_ERRORS, LEGACY_CERTIFIED_ERRORS = metric_keys.ROBUST_ERROR_GLOBS
 DEFAULT_METRICS = (
     metric_keys.TEST_ERROR,
@@ -33,50 +43,11 @@ DEFAULT_METRICS = (
     CERTIFIED_ERRORS,
     LEGACY_CERTIFIED_ERRORS,
 )
+SEED = "seed"  # runs.csv: the last configuration column; the metrics follow it
 
 
 # ---------------------------------------------------------------------------------------------------
-# Configurations and aggregation
-
-
-def is_configuration_key(key: str) -> bool:
-    return not any(fnmatch.fnmatchcase(key, pattern) for pattern in NOT_CONFIGURATION)
-
-
-def swept_keys(runs: list[Run], by: str | None) -> list[str]:
-    """`by` first, then every override key whose resolved value differs between runs."""
-    mentioned = sorted({k for run in runs for k in run.overrides if is_configuration_key(k)})
-    varying = [k for k in mentioned if k != by and len({repr(run.value(k)) for run in runs}) > 1]
-    return ([by] if by else []) + varying
-
-
-def sort_key(value):
-    """Numbers before text, numbers by size: 0 < 0.01 < 0.1 < 1."""
-    return (0, value, "") if isinstance(value, (int, float)) else (1, 0, str(value))
-
-
-@dataclass
-class Configuration:
-    values: tuple  # one value per swept key
-    runs: list
-
-    @property
-    def finished(self) -> list:
-        return [run for run in self.runs if run.status == "finished"]
-
-    def status_counts(self) -> dict:
-        counts = {status: 0 for status in STATUSES}
-        for run in self.runs:
-            counts[run.status] = counts.get(run.status, 0) + 1
-        return counts
-
-    def stats(self, key: str) -> tuple[float, float, int]:
-        """Mean, sample std (nan for a single run) and count of `key` over the finished runs."""
-        # A null in summary.json is a value that was not finite (JSON has neither inf nor NaN): it
-        # counts, as NaN, rather than silently leaving the mean to the finite runs.
-        values = [math.nan if run.summary[key] is None else as_float(run.summary[key])
-                  for run in self.finished if key in run.summary]
-        return mean_std(np.array([v for v in values if v is not None]))
+# Values
 
 
 def as_float(value):
@@ -89,37 +60,22 @@ def as_float(value):
     return float(value)
 
 
-def mean_std(values: np.ndarray) -> tuple[float, float, int]:
-    if values.size == 0:
-        return math.nan, math.nan, 0
-    with np.errstate(invalid="ignore"):  # inf - inf in the std of infinite distances: nan is right
-        std = float(np.std(values, ddof=1)) if values.size > 1 else math.nan
-    return float(np.mean(values)), std, int(values.size)
+def is_configuration_key(key: str) -> bool:
+    return not any(fnmatch.fnmatchcase(key, pattern) for pattern in NOT_CONFIGURATION)
 
 
-def group_runs(runs: list[Run], keys: list[str]) -> list[Configuration]:
-    groups = {}
-    for run in runs:
-        groups.setdefault(tuple(run.value(k) for k in keys), []).append(run)
-    ordered = sorted(groups, key=lambda values: [sort_key(v) for v in values])
-    return [Configuration(values, groups[values]) for values in ordered]
+def sort_key(value):
+    """Numbers before text, numbers by size: 0 < 0.01 < 0.1 < 1."""
+    return (0, value, "") if isinstance(value, (int, float)) else (1, 0, str(value))
 
 
-def select_metrics(runs: list[Run], requested: list[str]) -> tuple[list[str], list[str]]:
-    """Metric columns: the defaults, replaced by --metric KEY, extended by --metric +KEY (globs allowed).
-    Returns (columns, the requested patterns no run has)."""
-    replacing = [m for m in requested if not m.startswith("+")]
-    patterns = (replacing or list(DEFAULT_METRICS)) + [m[1:] for m in requested if m.startswith("+")]
-    # null counts as a number: a median distance that is +inf in every run is still a column.
-    available = sorted({k for run in runs for k, v in run.summary.items()
-                        if v is None or as_float(v) is not None}, key=metric_order)
-    chosen, unmatched = [], []
-    for pattern in patterns:
-        matches = [k for k in available if fnmatch.fnmatchcase(k, pattern)]
-        chosen += [k for k in matches if k not in chosen]
-        if not matches and pattern not in DEFAULT_METRICS:
-            unmatched.append(pattern)
-    return chosen, unmatched
+def value_order(values, preferred=()) -> list:
+    """The values of the grouping key in the order of tables and legends: the baseline (`none`) first,
+    then `preferred` (the sweep's order), then the others numbers first and by size."""
+    preferred = list(dict.fromkeys(preferred))
+    rank = {v: i for i, v in enumerate(preferred)}
+    return sorted(dict.fromkeys(values),
+                  key=lambda v: (v != BASELINE, v not in rank, rank.get(v, 0), sort_key(v)))
 
 
 def metric_order(key: str):
@@ -130,8 +86,188 @@ def metric_order(key: str):
     return (key, 0.0)
 
 
+def numeric_keys(runs: list[Run]) -> list[str]:
+    """Every summary.json key holding a number (null counts: a median distance that is +inf in every
+    run is still a metric), in metric_order."""
+    return sorted({k for run in runs for k, v in run.summary.items() if v is None or as_float(v) is not None},
+                  key=metric_order)
+
+
+def select_metrics(available: list[str], requested: list[str]) -> tuple[list[str], list[str]]:
+    """Metric columns: the defaults, replaced by --metric KEY, extended by --metric +KEY (globs allowed).
+    Returns (columns, the requested patterns no run has)."""
+    replacing = [m for m in requested if not m.startswith("+")]
+    patterns = (replacing or list(DEFAULT_METRICS)) + [m[1:] for m in requested if m.startswith("+")]
+    chosen, unmatched = [], []
+    for pattern in patterns:
+        matches = [k for k in available if fnmatch.fnmatchcase(k, pattern)]
+        chosen += [k for k in matches if k not in chosen]
+        if not matches and pattern not in DEFAULT_METRICS:
+            unmatched.append(pattern)
+    return chosen, unmatched
+
+
 # ---------------------------------------------------------------------------------------------------
-# Tables
+# One row per run: runs.csv
+
+
+@dataclass
+class RunTable:
+    """One row per run. `frame` holds `run` (the folder), `status`, the configuration columns (Python
+    values as the overrides gave them, None where a run does not have the key) and the metrics (float,
+    NaN where missing or non-finite); `present` says which metric cells the run's summary.json had, so a
+    recorded non-finite value (null) is told apart from a metric the run never wrote."""
+    frame: pd.DataFrame
+    present: pd.DataFrame
+    columns: list  # configuration columns: the grouping key, the override keys, `seed` last
+    metrics: list
+
+    @classmethod
+    def from_runs(cls, runs: list[Run], by: str | None) -> "RunTable":
+        overrides = sorted({k for run in runs for k in run.overrides} - {by, SEED})
+        columns = ([by] if by else []) + overrides + ([SEED] if by != SEED else [])
+        metrics = numeric_keys(runs)
+        frame = pd.DataFrame([[str(run.path), run.status] + [run.value(k) for k in columns] for run in runs],
+                             columns=["run", "status"] + columns, dtype=object)
+        values = pd.DataFrame([[summary_value(run.summary, m) for m in metrics] for run in runs],
+                              columns=metrics, dtype=float)
+        present = pd.DataFrame([[m in run.summary for m in metrics] for run in runs], columns=metrics,
+                               dtype=bool)
+        return cls(pd.concat([frame, values], axis=1), present, columns, metrics)
+
+    @classmethod
+    def read_csv(cls, path: Path) -> "RunTable":
+        """A runs.csv written by `write_csv`: the columns from `status` to `seed` are the configuration."""
+        text = pd.read_csv(path, dtype=str, keep_default_na=False)
+        names = list(text.columns)
+        if names[:2] != ["run", "status"] or SEED not in names:
+            raise ValueError(f"{path}: not a runs.csv of tulip-report "
+                             f"(columns run, status, ..., seed, metrics)")
+        columns = names[2:names.index(SEED) + 1]
+        metrics = names[names.index(SEED) + 1:]
+        frame = text[["run", "status"]].astype(object)
+        for column in columns:
+            frame[column] = [None if cell == "" else normalise(cell) for cell in text[column]]
+        present = text[metrics] != ""
+        values = text[metrics].apply(pd.to_numeric, errors="coerce").astype(float)
+        return cls(pd.concat([frame, values], axis=1), present, columns, metrics)
+
+    def write_csv(self, path: Path):
+        cells = self.frame[["run", "status"] + self.columns].map(fmt_csv)
+        values = self.frame[self.metrics].map(fmt_csv)
+        # A recorded non-finite value is `nan`, a metric the run does not have is empty.
+        values = values.where(self.present, "")
+        pd.concat([cells, values], axis=1).to_csv(path, index=False)
+
+    def rows(self, selection) -> "RunTable":
+        """The rows where a boolean `selection` is true, or those at the positions it lists, in that order."""
+        selection = np.asarray(selection)
+        positions = np.flatnonzero(selection) if selection.dtype == bool else selection.astype(int)
+        return RunTable(self.frame.iloc[positions], self.present.iloc[positions], self.columns, self.metrics)
+
+    @property
+    def placed(self) -> pd.Series:
+        """Runs with a configuration: a folder without even its .hydra/ is listed, not tabulated."""
+        return self.frame[self.columns].notna().any(axis=1)
+
+
+def summary_value(summary: dict, key: str) -> float:
+    if key not in summary or summary[key] is None:
+        return math.nan
+    value = as_float(summary[key])
+    return math.nan if value is None else value
+
+
+def swept_keys(table: RunTable, by: str | None) -> list[str]:
+    """`by` first, then every configuration key whose value differs between the runs."""
+    frame = table.frame
+    varying = [k for k in table.columns
+               if k != by and is_configuration_key(k) and frame[k].map(repr).nunique() > 1]
+    return ([by] if by else []) + varying
+
+
+# ---------------------------------------------------------------------------------------------------
+# One row per configuration: report.csv
+
+
+def aggregate(table: RunTable, keys: list[str], metrics: list[str], order=()) -> tuple[pd.DataFrame, list]:
+    """The configurations of `keys`, one row each in table order (the grouping key's values in
+    `value_order(..., order)`, the other keys by value), with report.csv's columns: the keys, `seeds`
+    (finished runs), `n_<status>`, `status`, and per metric `<m>`, `<m>_std`, `<m>_n` (runs that have it).
+    Also returns, per row, the positions in `table` of its runs."""
+    frame = table.frame.reset_index(drop=True)
+    present = table.present.reset_index(drop=True)
+    configs = list(dict.fromkeys(frame[keys].itertuples(index=False, name=None)))
+    if keys:  # the grouping key in value_order, then the other keys by value
+        rank = {v: i for i, v in enumerate(value_order([c[0] for c in configs], order))}
+        configs.sort(key=lambda c: (rank[c[0]], [sort_key(v) for v in c[1:]]))
+    position = {config: i for i, config in enumerate(configs)}
+    config = pd.Series([position[c] for c in frame[keys].itertuples(index=False, name=None)], dtype=int)
+    every = pd.RangeIndex(len(configs))
+
+    finished = frame["status"] == "finished"
+    values = frame.loc[finished, metrics].astype(float)
+    has = present.loc[finished, metrics]
+    groups = config[finished]
+    by_config = values.groupby(groups)
+    with np.errstate(invalid="ignore"):  # inf - inf in the std of infinite distances: nan is right
+        mean, std = (by_config.agg(stat).reindex(index=every, columns=metrics) for stat in ("mean", "std"))
+    # `count` of pandas leaves out NaN, a recorded non-finite value included: counted from `present`.
+    counts = has.groupby(groups).sum().reindex(index=every, columns=metrics, fill_value=0)
+    nulls = (has & values.isna()).groupby(groups).sum().reindex(index=every, columns=metrics, fill_value=0)
+    mean, std = mean.mask(nulls > 0), std.mask(nulls > 0)
+
+    statuses = list(dict.fromkeys(list(STATUSES) + list(frame["status"])))
+    by_status = pd.crosstab(config, frame["status"]).reindex(index=every, columns=statuses, fill_value=0)
+    parts = [pd.DataFrame(configs, columns=keys, dtype=object),
+             pd.DataFrame({"seeds": by_status["finished"].to_numpy()}),
+             by_status.add_prefix("n_").reset_index(drop=True),
+             pd.DataFrame({"status": [status_text(row) for row in by_status.to_dict("records")]})]
+    for metric in metrics:
+        parts.append(pd.DataFrame({metric: mean[metric].to_numpy(), f"{metric}_std": std[metric].to_numpy(),
+                                   f"{metric}_n": counts[metric].to_numpy()}))
+    grouped = pd.concat(parts, axis=1)
+    members = [list(frame.index[config == i]) for i in range(len(configs))]
+    return grouped, members
+
+
+def read_report_csv(path: Path, order=()) -> tuple[pd.DataFrame, list[str], list[str]]:
+    """A report.csv written by `write_csv` (the configuration columns are those before `seeds`) as
+    `aggregate` returns it, rows re-ordered by `value_order(..., order)`. Returns (table, keys, metrics)."""
+    text = pd.read_csv(path, dtype=str, keep_default_na=False)
+    names = list(text.columns)
+    if "seeds" not in names:
+        raise ValueError(f"{path}: not a report.csv of tulip-report (configuration columns, seeds, ...)")
+    keys = names[:names.index("seeds")]
+    metrics = [m for m in names if f"{m}_std" in names]
+    table = pd.DataFrame({k: pd.Series([None if c == "" else normalise(c) for c in text[k]], dtype=object)
+                          for k in keys})
+    table["seeds"] = text["seeds"].astype(int)
+    for name in names[len(keys) + 1:]:
+        if name.startswith("n_"):
+            table[name] = text[name].astype(int)
+    table["status"] = text.get("status", "")
+    columns = {}
+    for metric in metrics:
+        columns[metric] = pd.to_numeric(text[metric], errors="coerce")
+        columns[f"{metric}_std"] = pd.to_numeric(text[f"{metric}_std"], errors="coerce")
+        # `<m>_n` is written only where it differs from `seeds`
+        columns[f"{metric}_n"] = (text[f"{metric}_n"].astype(int) if f"{metric}_n" in names
+                                  else table["seeds"].where(text[metric] != "", 0))
+    table = pd.concat([table, pd.DataFrame(columns)], axis=1)
+    if keys:
+        rank = {v: i for i, v in enumerate(value_order(table[keys[0]], list(order) + list(table[keys[0]])))}
+        positions = sorted(range(len(table)), key=lambda i: (rank[table[keys[0]][i]],
+                                                             [sort_key(table[k][i]) for k in keys[1:]]))
+        table = table.iloc[positions].reset_index(drop=True)
+    return table, keys, metrics
+
+
+def stats(row: dict, metric: str) -> tuple[float, float, int]:
+    """(mean, std, count) of a metric in one row of `aggregate`'s table; NaN and 0 where it has none."""
+    if metric not in row:
+        return math.nan, math.nan, 0
+    return float(row[metric]), float(row[f"{metric}_std"]), int(row[f"{metric}_n"])
 
 
 def fmt(value) -> str:
@@ -147,33 +283,39 @@ def fmt_stats(mean: float, std: float, count: int, seeds: int) -> str:
     return text if count == seeds else f"{text} (n={count})"
 
 
+def fmt_csv(value) -> str:
+    """Full precision (a float as its repr, so inf and nan stay readable), empty for None."""
+    if value is None:
+        return ""
+    return repr(float(value)) if isinstance(value, (float, np.floating)) else str(value)
+
+
 def status_text(counts: dict) -> str:
     return ", ".join(f"{n} {status}" for status, n in counts.items() if n) or "no runs"
 
 
-def write_csv(path: Path, keys: list[str], configurations: list[Configuration], metrics: list[str]):
-    statuses = list(dict.fromkeys(list(STATUSES) + [s for c in configurations for s in c.status_counts()]))
-    # A `<metric>_n` column only where some configuration lacks the metric in some finished run.
-    partial = {m for m in metrics for c in configurations if c.stats(m)[2] not in (0, len(c.finished))}
-    header = keys + ["seeds"] + [f"n_{s}" for s in statuses] + ["status"]
+def write_csv(path: Path, table: pd.DataFrame, keys: list[str], metrics: list[str]):
+    """report.csv: the keys, seeds, n_<status>, status, then `<m>` and `<m>_std` per metric, and `<m>_n`
+    only where some configuration lacks the metric in some finished run."""
+    statuses = [c for c in table.columns if c.startswith("n_")]
+    header = keys + ["seeds"] + statuses + ["status"]
     for metric in metrics:
-        header += [metric, f"{metric}_std"] + ([f"{metric}_n"] if metric in partial else [])
+        partial = ((table[f"{metric}_n"] != 0) & (table[f"{metric}_n"] != table["seeds"])).any()
+        header += [metric, f"{metric}_std"] + ([f"{metric}_n"] if partial else [])
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(header)
-        for config in configurations:
-            counts = config.status_counts()
-            row = [fmt_csv(v) for v in config.values] + [len(config.finished)]
-            row += [counts.get(s, 0) for s in statuses] + [status_text(counts)]
+        for row in table.to_dict("records"):
+            cells = [fmt_csv(row[k]) for k in keys + ["seeds"] + statuses] + [row["status"]]
             for metric in metrics:
-                mean, std, count = config.stats(metric)
-                row += [fmt_csv(mean if count else None), fmt_csv(std if count > 1 else None)]
-                row += [count] if metric in partial else []
-            writer.writerow(row)
+                mean, std, count = stats(row, metric)
+                cells += [fmt_csv(mean) if count else "", fmt_csv(std) if count > 1 else ""]
+                cells += [count] if f"{metric}_n" in header else []
+            writer.writerow(cells)
 
 
-def fmt_csv(value) -> str:
-    return "" if value is None else repr(value) if isinstance(value, float) else str(value)
+# ---------------------------------------------------------------------------------------------------
+# report.md
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -184,7 +326,8 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines + ["| " + " | ".join(map(cell, row)) + " |" for row in rows]
 
 
-def write_markdown(path: Path, inputs, keys, runs, configurations, metrics, plots, messages, sweep):
+def write_markdown(path: Path, inputs, keys, runs, table: pd.DataFrame, metrics, plots, messages, sweep,
+                   notes=()):
     counts = {s: sum(run.status == s for run in runs) for s in dict.fromkeys(run.status for run in runs)}
     common = sorted({f"{k}={fmt(v)}" for run in runs for k, v in run.overrides.items()
                      if k not in keys and is_configuration_key(k)})
@@ -197,7 +340,7 @@ def write_markdown(path: Path, inputs, keys, runs, configurations, metrics, plot
     lines += ["", "Each row is one configuration; values are the mean ± sample standard deviation over its "
               "finished runs (`seeds` of them; `n=` where a metric is missing in some; `nan` where some run "
               "recorded a non-finite value, which summary.json stores as null). "
-              "All columns and full precision: `report.csv`.", ""]
+              "All columns and full precision: `report.csv`; one row per run: `runs.csv`.", ""]
 
     robust = {m: parsed for m in metrics if (parsed := metric_keys.parse_robust_error(m))}
     results = [m for m in metrics if m not in robust]
@@ -208,22 +351,23 @@ def write_markdown(path: Path, inputs, keys, runs, configurations, metrics, plot
         columns = [(f"ε={parsed.eps}", m) for m, parsed in robust.items() if parsed.stem == curve]
         kind = "certified error (%): certified radius ≤ ε" if attack == "certified" else "robust error (%)"
         tables.append((f"## `{curve}@ε`: {kind}", columns, False))
+    records = table.to_dict("records")
     for title, columns, with_status in tables:
         if not columns:
             continue
         header = keys + ["seeds"] + [label for label, _ in columns] + (["status"] if with_status else [])
         rows = []
-        for config in configurations:
-            seeds = len(config.finished)
-            row = [fmt(v) for v in config.values] + [str(seeds)]
-            row += [fmt_stats(*config.stats(m), seeds) for _, m in columns]
-            rows.append(row + ([status_text(config.status_counts())] if with_status else []))
+        for row in records:
+            seeds = int(row["seeds"])
+            cells = [fmt(row[k]) for k in keys] + [str(seeds)]
+            cells += [fmt_stats(*stats(row, m), seeds) for _, m in columns]
+            rows.append(cells + ([row["status"]] if with_status else []))
         lines += [title, ""] + markdown_table(header, rows) + [""]
 
     problems = [run for run in runs if run.status != "finished"]
     lines += ["## Failed, diverged and unreadable runs", ""]
     if problems:
-        rows = [[f"`{run.path}`", run.status, fmt(run.value("seed")),
+        rows = [[f"`{run.path}`", run.status, fmt(run.value(SEED)),
                  ", ".join(f"{k}={fmt(run.value(k))}" for k in keys), run.problem or problem_detail(run)]
                 for run in problems]
         lines += markdown_table(["run", "status", "seed", "configuration", "detail"], rows)
@@ -234,9 +378,13 @@ def write_markdown(path: Path, inputs, keys, runs, configurations, metrics, plot
 
     lines += ["", "## Plots", ""]
     for caption, file in plots:
-        lines += [f"**{caption}**", "", f"![{caption}]({file.name})", ""]
+        pdf = file.name[:-len(".png")] + ".pdf"
+        lines += [f"**{caption}** (also `{pdf}`)", "", f"![{caption}]({file.name})", ""]
     if not plots:
         lines += ["No plots: no finished run with the metrics they need."]
+    if notes:
+        lines += ([] if lines[-1] == "" else [""]) + ["Left out of the figures:", ""]
+        lines += [f"- {note}" for note in notes]
     path.write_text("\n".join(lines) + "\n")
 
 
