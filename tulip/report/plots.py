@@ -5,16 +5,13 @@
     clean_vs_robust    robust error at one ε against test error, one point per configuration
     training_curves    test error and the Lipschitz estimate per epoch
 
-Each figure is WIDTH inches wide, the text width of a two-column paper, so that its 8-pt fonts print
-at 8 pt when it spans the page; a legend taller than the panels makes the figure taller, never the
-fonts smaller. Each series (a configuration, or a method in the multiplier plots) keeps one colour,
-line style and marker in the order of the table, baseline first. Values are the mean over seeds with
-the sample std as error bars (or a band) where a configuration has 2 or more seeds.
+Sizes, fonts and each series' colour, line style and marker: tulip.report.style (a legend taller
+than the panels makes the figure taller, never the fonts smaller). Values are the mean over seeds
+with the sample std as error bars (or a band) where a configuration has 2 or more seeds.
 
 All figures but the training curves need only the table of tulip.report.tables.aggregate, which a
 report.csv holds too: `tulip-report --from-csv` redraws them without the run folders.
 """
-import functools
 import math
 from pathlib import Path
 
@@ -28,48 +25,14 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from tulip import metric_keys  # noqa: E402
+from tulip.report.style import (DPI, LEGEND_ENTRY, MAX_COLUMNS, ROW_HEIGHT, WIDTH,  # noqa: E402
+                                 row_styles, series_style, styled)
 from tulip.report.tables import as_float, fmt, stats  # noqa: E402
-
-WIDTH = 7.0  # inches
-ROW_HEIGHT = 2.6  # inches per row of panels
-MAX_COLUMNS = 2  # panels per row: with the legend beside them, each stays about 2.7 in wide
-LEGEND_ENTRY = 0.16  # inches per legend entry at 8 pt, text and spacing
-DPI = 200  # of the PNG; the PDF is vector
-# Set while a figure is drawn and saved (never globally: importing the report must not restyle other
-# matplotlib figures of the same process).
-STYLE = {
-    "font.size": 8, "axes.titlesize": 8.5, "axes.labelsize": 8, "xtick.labelsize": 8, "ytick.labelsize": 8,
-    "legend.fontsize": 8, "lines.linewidth": 1.2, "lines.markersize": 4, "errorbar.capsize": 2,
-    "axes.grid": True, "grid.alpha": 0.3, "grid.linewidth": 0.5, "axes.linewidth": 0.6,
-    "legend.frameon": False, "legend.handlelength": 2.6,  # long enough to show a dash pattern
-    "pdf.fonttype": 42,  # TrueType in the PDF: text a journal's pipeline can edit and search
-}
-# Okabe & Ito's colour-blind-safe palette, black first for the baseline. Its yellow is left out: too
-# pale for a thin line on white paper. 7 colours x 4 line styles: 28 distinct (colour, style) pairs.
-COLOURS = ("#000000", "#E69F00", "#56B4E9", "#009E73", "#D55E00", "#0072B2", "#CC79A7")
-LINESTYLES = ("-", "--", ":", "-.")
-MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h")
 
 CURVE_METRICS = (metric_keys.TEST_ERROR, metric_keys.LOSS_GRAD_MAX)  # multiplier and training plots
 AXIS_LABELS = {metric_keys.TEST_ERROR: "test error (%)",
                metric_keys.LOSS_GRAD_MAX: "max ‖∇ₓ loss‖₂"}
 TITLES = {metric_keys.TEST_ERROR: "Test error", metric_keys.LOSS_GRAD_MAX: "Lipschitz estimate"}
-
-
-def series_style(index: int) -> dict:
-    """Colour, line style and marker of the index-th series: colours first, then the next line style.
-    Every other round of colours has hollow markers, so that two series of one colour differ in a
-    scatter plot too, where there are no lines."""
-    colour, round_ = COLOURS[index % len(COLOURS)], index // len(COLOURS)
-    return {"color": colour, "linestyle": LINESTYLES[round_ % len(LINESTYLES)],
-            "marker": MARKERS[index % len(MARKERS)], "markerfacecolor": "white" if round_ % 2 else colour}
-
-
-def row_styles(records: list[dict]) -> list[dict | None]:
-    """The series_style of each table row with finished runs (None for the others): numbered over those
-    rows only, so that a configuration whose runs all failed does not take the baseline's black."""
-    indices = np.cumsum([bool(row["seeds"]) for row in records]) - 1
-    return [series_style(int(i)) if row["seeds"] else None for i, row in zip(indices, records)]
 
 
 def series_label(keys: list[str], values, by: str | None, skip: str = "") -> str:
@@ -78,15 +41,6 @@ def series_label(keys: list[str], values, by: str | None, skip: str = "") -> str
     shown = [fmt(v) if k == by and isinstance(v, str) else f"{k}={fmt(v)}"
              for k, v in zip(keys, values) if k != skip and v is not None]
     return ", ".join(shown) or "all runs"
-
-
-def styled(plot):
-    """Draws and saves inside STYLE."""
-    @functools.wraps(plot)
-    def wrapper(*args, **kwargs):
-        with plt.rc_context(STYLE):
-            return plot(*args, **kwargs)
-    return wrapper
 
 
 def new_figure(panels: int, entries: int):
