@@ -52,8 +52,9 @@ def test_a_bad_value_of_the_new_option_names_its_key(tmp_path):
 
 
 def documented_keys() -> set[str]:
-    """The metric keys named in `backticks` in the README and in the comments of conf/ and sweeps/."""
-    texts = [(ROOT / "README.md").read_text()]
+    """The metric keys named in `backticks` in the README and docs/*.md and in the comments of conf/ and
+    sweeps/."""
+    texts = [(ROOT / "README.md").read_text()] + [path.read_text() for path in sorted((ROOT / "docs").glob("*.md"))]
     texts += [path.read_text() for folder in ("conf", "sweeps") for path in (ROOT / folder).rglob("*.yaml")]
     families = "train|test|lipschitz|weights|model|time|best|attack|bounds|nn|summary"
     found = set()
@@ -75,7 +76,7 @@ def as_pattern(documented: str) -> re.Pattern:
 
 
 def test_every_documented_metric_key_is_written(tmp_path):
-    """README and yaml comments name only keys that a run really writes (here: a smooth model with the
+    """README, docs/ and yaml comments name only keys that a run really writes (here: a smooth model with the
     bounded head, every family of metrics switched on, then mode=summary)."""
     run(compose_config("model=mlp", "model.hidden=[]", "model.tanh=true", "regularizer=[lip,grad_l1]",
                        "attack=[ddn,fgsm,apgd_ce_l2,square_linf]", "attack.n=20", "attack.methods.ddn.steps=10",

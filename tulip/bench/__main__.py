@@ -1,4 +1,4 @@
-"""``python -m tulip.bench NAME [args]``: run one of Tulip's benchmarks (see README)."""
+"""``python -m tulip.bench NAME [args]``: run one of Tulip's benchmarks (see docs/benchmarks.md)."""
 import importlib
 import sys
 

@@ -1,0 +1,121 @@
+"""The README stays short, its links and the docs' links lead somewhere, and the commands it shows work:
+the `python run.py` commands compose with Hydra, `python -m tulip.bench NAME` names a benchmark, and
+every `tulip-report` option it uses exists."""
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, compose_with_hydra
+from tulip.bench.__main__ import BENCHMARKS
+
+README = ROOT / "README.md"
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")  # [text](path) and ![alt](path)
+
+
+def code_lines(text: str) -> list[str]:
+    """The commands in the fenced (```) and indented code blocks, continuation lines joined."""
+    lines, fenced = [], False
+    for line in text.splitlines():
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+        elif fenced or line.startswith("    "):
+            lines.append(line.strip())
+    joined, current = [], ""
+    for line in lines:
+        current += " " + line[:-1] if line.endswith("\\") else " " + line
+        if not line.endswith("\\"):
+            joined.append(current.strip())
+            current = ""
+    return joined
+
+
+def commands(text: str, program: str) -> list[list[str]]:
+    """Every `program ...` command of the code blocks as its arguments, comments dropped."""
+    found = []
+    for line in code_lines(text):
+        for part in re.split(r"&&|;", line):
+            words = shlex.split(part, comments=True)
+            n = len(program.split())
+            for i in range(len(words) - n + 1):
+                if words[i:i + n] == program.split():
+                    found.append(words[i + n:])
+                    break
+    return found
+
+
+def test_the_readme_is_short():
+    assert len(README.read_text().splitlines()) <= 200
+
+
+def test_the_readme_keeps_its_two_fresh_machine_commands():
+    text = README.read_text()
+    assert "## Two commands on a fresh machine" in text
+    assert '\n    pip install -e ".[test]" && python run.py\n' in text
+    assert "\n    python -m pytest -q\n" in text
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_every_relative_link_leads_to_a_file(page):
+    broken = []
+    for target in LINK.findall(page.read_text()):
+        if re.match(r"[a-z]+:", target) or target.startswith("#"):
+            continue  # http(s), mailto, an anchor on the same page
+        path = target.split("#", 1)[0]
+        if not (page.parent / path).exists():
+            broken.append(target)
+    assert not broken, broken
+
+
+def run_commands() -> list[list[str]]:
+    """The README's short `python run.py` commands: not the SLURM or sweep-file ones, none with <placeholders>."""
+    found = [args for args in commands(README.read_text(), "python run.py")
+             if not any(a.startswith("--config-dir") or "slurm" in a or "<" in a for a in args)]
+    assert len(found) >= 4, found
+    return found
+
+
+def test_the_readme_run_commands_compose():
+    for args in run_commands():
+        overrides = [a for a in args if a != "-m"]
+        if "-m" in args:  # a grid: compose its first point
+            overrides = [first_value(a) for a in overrides]
+        cfg = compose_with_hydra(*overrides)
+        assert cfg.epochs > 0, args
+
+
+def first_value(override: str) -> str:
+    """`key=a,b,c` -> `key=a`; a list value (`key=[a,b]`) is one value, not a sweep."""
+    key, _, value = override.partition("=")
+    if value.startswith("[") or "," not in value:
+        return override
+    return f"{key}={value.split(',')[0]}"
+
+
+def test_first_value_splits_only_sweeps():
+    assert first_value("regularizer=none,lip") == "regularizer=none"
+    assert first_value("'regularizer=[lip,J2]'".strip("'")) == "regularizer=[lip,J2]"
+    assert first_value("reg.lip=0.1") == "reg.lip=0.1"
+
+
+def test_every_benchmark_command_names_a_benchmark():
+    named = [args[0] for page in PAGES for args in commands(page.read_text(), "python -m tulip.bench") if args]
+    named += re.findall(r"python -m tulip\.bench (\w+)", "".join(p.read_text() for p in PAGES))
+    assert named
+    assert set(named) <= set(BENCHMARKS), set(named) - set(BENCHMARKS)
+
+
+def test_every_report_option_exists():
+    exe = shutil.which("tulip-report")
+    command = [exe] if exe else [sys.executable, "-m", "tulip.report"]
+    help_text = subprocess.run([*command, "--help"], capture_output=True, text=True, check=True).stdout
+    used = {word.split("=")[0] for page in PAGES for args in commands(page.read_text(), "tulip-report")
+            for word in args if word.startswith("--")}
+    used |= set(re.findall(r"`(--[a-z][\w-]*)", (ROOT / "docs" / "report.md").read_text()))
+    assert {"--out", "--from-csv"} <= used
+    missing = sorted(option for option in used if not re.search(rf"(^|\s){re.escape(option)}\b", help_text))
+    assert not missing, missing
