@@ -374,6 +374,7 @@ def test_runs_csv_and_the_grouped_table(tmp_path):
             ("lip", 0, "finished", {error: 5.0, distance: 2.0}),
             ("lip", 1, "finished", {error: 5.5}),  # no attack ran
             ("lip", 2, "failed", {error: 99.0, distance: 9.0})]  # not in the means
+    runs[0][3]["wandb/run_path"] = "me/tulip/abc12345"  # its W&B run, to open it in the UI
     for job, (method, seed, status, summary) in enumerate(runs):
         method_run(tmp_path / "sweep" / str(job), method, seed, {"status": status, **summary})
     out = tmp_path / "out"
@@ -382,9 +383,10 @@ def test_runs_csv_and_the_grouped_table(tmp_path):
 
     rows = read_csv(out / "runs.csv")
     assert len(rows) == len(runs)
-    assert list(rows[0])[:5] == ["run", "status", "regularizer", "epochs", "seed"]
+    assert list(rows[0])[:6] == ["run", "wandb_run", "status", "regularizer", "epochs", "seed"]
     for row, (method, seed, status, summary) in zip(rows, runs):
         assert (row["regularizer"], row["seed"], row["status"]) == (method, str(seed), status)
+        assert row["wandb_run"] == summary.get("wandb/run_path", "")
         assert row["epochs"] == "3"
         assert float(row[error]) == summary[error]
         assert row[distance] == ("" if distance not in summary else "nan" if summary[distance] is None

@@ -111,6 +111,11 @@ def select_metrics(available: list[str], requested: list[str]) -> tuple[list[str
 # One row per run: runs.csv
 
 
+# runs.csv's first columns: the run folder, its W&B run (entity/project/id, to open it in the UI; empty
+# without W&B) and how it ended; the configuration and the metrics follow.
+RUN_COLUMNS = ["run", "wandb_run", "status"]
+
+
 @dataclass
 class RunTable:
     """One row per run. `frame` holds `run` (the folder), `status`, the configuration columns (Python
@@ -127,8 +132,9 @@ class RunTable:
         overrides = sorted({k for run in runs for k in run.overrides} - {by, SEED})
         columns = ([by] if by else []) + overrides + ([SEED] if by != SEED else [])
         metrics = numeric_keys(runs)
-        frame = pd.DataFrame([[str(run.path), run.status] + [run.value(k) for k in columns] for run in runs],
-                             columns=["run", "status"] + columns, dtype=object)
+        frame = pd.DataFrame([[str(run.path), run.summary.get(metric_keys.WANDB_RUN_PATH) or "", run.status]
+                              + [run.value(k) for k in columns] for run in runs],
+                             columns=RUN_COLUMNS + columns, dtype=object)
         values = pd.DataFrame([[summary_value(run.summary, m) for m in metrics] for run in runs],
                               columns=metrics, dtype=float)
         present = pd.DataFrame([[m in run.summary for m in metrics] for run in runs], columns=metrics,
@@ -137,15 +143,15 @@ class RunTable:
 
     @classmethod
     def read_csv(cls, path: Path) -> "RunTable":
-        """A runs.csv written by `write_csv`: the columns from `status` to `seed` are the configuration."""
+        """A runs.csv written by `write_csv`: the columns after RUN_COLUMNS up to `seed` are the configuration."""
         text = pd.read_csv(path, dtype=str, keep_default_na=False)
         names = list(text.columns)
-        if names[:2] != ["run", "status"] or SEED not in names:
+        if names[:len(RUN_COLUMNS)] != RUN_COLUMNS or SEED not in names:
             raise ValueError(f"{path}: not a runs.csv of tulip-report "
-                             f"(columns run, status, ..., seed, metrics)")
-        columns = names[2:names.index(SEED) + 1]
+                             f"(columns {', '.join(RUN_COLUMNS)}, ..., seed, metrics)")
+        columns = names[len(RUN_COLUMNS):names.index(SEED) + 1]
         metrics = names[names.index(SEED) + 1:]
-        frame = text[["run", "status"]].astype(object)
+        frame = text[RUN_COLUMNS].astype(object)
         for column in columns:
             frame[column] = [None if cell == "" else normalise(cell) for cell in text[column]]
         present = text[metrics] != ""
@@ -153,7 +159,7 @@ class RunTable:
         return cls(pd.concat([frame, values], axis=1), present, columns, metrics)
 
     def write_csv(self, path: Path):
-        cells = self.frame[["run", "status"] + self.columns].map(fmt_csv)
+        cells = self.frame[RUN_COLUMNS + self.columns].map(fmt_csv)
         values = self.frame[self.metrics].map(fmt_csv)
         # A recorded non-finite value is `nan`, a metric the run does not have is empty.
         values = values.where(self.present, "")
