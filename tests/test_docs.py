@@ -71,10 +71,14 @@ def test_every_relative_link_leads_to_a_file(page):
     assert not broken, broken
 
 
+def short_run_commands(text: str) -> list[list[str]]:
+    """The short `python run.py` commands of a page: not the SLURM or sweep-file ones, none with <placeholders>."""
+    return [args for args in commands(text, "python run.py")
+            if not any(a.startswith("--config-dir") or "slurm" in a or "<" in a for a in args)]
+
+
 def run_commands() -> list[list[str]]:
-    """The README's short `python run.py` commands: not the SLURM or sweep-file ones, none with <placeholders>."""
-    found = [args for args in commands(README.read_text(), "python run.py")
-             if not any(a.startswith("--config-dir") or "slurm" in a or "<" in a for a in args)]
+    found = short_run_commands(README.read_text())
     assert len(found) >= 4, found
     return found
 
@@ -112,6 +116,15 @@ def test_the_readme_everyday_commands_run_with_tiny_settings(tmp_path):
     assert len(trained) >= 3 and evaluated == 1
     assert report.main([str(tmp_path / "runs"), "--out", str(tmp_path / "report")]) == 0
     assert (tmp_path / "report" / "runs.csv").read_text().count("\n") == len(trained) + 1
+
+
+def test_the_docs_run_commands_compose():
+    """The docs pages' short `python run.py` commands compose too: a renamed key or option fails here."""
+    found = [args for page in PAGES[1:] for args in short_run_commands(page.read_text())]
+    assert len(found) >= 5, found
+    for args in found:
+        cfg = compose_with_hydra(*[first_value(a) for a in args if a != "-m"])
+        assert cfg.epochs > 0, args
 
 
 def first_value(override: str) -> str:

@@ -152,9 +152,12 @@ def test_interrupted_jobs_resume_and_match_an_uninterrupted_run(tmp_path, slurm_
     (SLURM's preemption/time-limit signal: submitit checkpoints and requeues it). Both resume from
     checkpoints/last.pt in the same folder and must end with exactly job 0's metrics."""
     sweep_dir = tmp_path / "sweep"
-    epochs = 2
+    # Long enough after its first epoch (when it is interrupted) to outlive SLURM's KillWait (5 s): a
+    # requeued job's SIGTERM is ignored by submitit, so the job dies only at the SIGKILL that follows,
+    # and a job that finished first would leave nothing to resume.
+    epochs = 8
     args = ["-m", "wandb.name=reference,requeued,preempted", *SLURM, "wandb.mode=offline",
-            "dataset=mnist5k", "dataset.train_subset=1024", "dataset.test_subset=500",
+            "dataset=mnist5k", "dataset.train_subset=2048", "dataset.test_subset=500",
             f"epochs={epochs}", "attack=none", f"hydra.sweep.dir={sweep_dir}"]
     interruptions = {1: ["scontrol", "requeue"], 2: ["scancel", "--signal=USR2"]}
     interrupted_at = {}
