@@ -8,6 +8,8 @@ import subprocess
 import sys
 
 import pytest
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import IntervalSweep, RangeSweep
 
 from conftest import ROOT, compose_with_hydra
 from tulip.bench.__main__ import BENCHMARKS
@@ -128,17 +130,21 @@ def test_the_docs_run_commands_compose():
 
 
 def first_value(override: str) -> str:
-    """`key=a,b,c` -> `key=a`; a list value (`key=[a,b]`) is one value, not a sweep."""
-    key, _, value = override.partition("=")
-    if value.startswith("[") or "," not in value:
+    """`key=a,b,c` -> `key=a`, and a search range (`key=tag(log,interval(a,b))`) -> `key=a`: the first
+    point of a sweep; a list value (`key=[a,b]`) is one value, not a sweep."""
+    parsed = OverridesParser.create().parse_overrides([override])[0]
+    if not parsed.is_sweep_override():
         return override
-    return f"{key}={value.split(',')[0]}"
+    sweep = parsed.value()
+    first = sweep.start if isinstance(sweep, (IntervalSweep, RangeSweep)) else sweep.list[0]
+    return f"{parsed.get_key_element()}={first}"
 
 
 def test_first_value_splits_only_sweeps():
     assert first_value("regularizer=none,lip") == "regularizer=none"
     assert first_value("'regularizer=[lip,J2]'".strip("'")) == "regularizer=[lip,J2]"
     assert first_value("reg.lip=0.1") == "reg.lip=0.1"
+    assert first_value("reg.lip=tag(log,interval(1e-3,3))") == "reg.lip=0.001"
 
 
 def test_every_benchmark_command_names_a_benchmark():

@@ -445,3 +445,12 @@ def test_memory_benchmark_sees_the_double_backprop_graph_of_lip():
     none, lip, pgd = (peaks[name][0] for name in ("none", "lip", "pgd_linf"))
     assert none > 0 and pgd > 0
     assert lip > 1.5 * none
+
+
+def test_the_regularizer_benchmark_times_cifar_shaped_batches(capsys):
+    """--shape gives the model and the random batch other images: the CIFAR study's cost estimate."""
+    from tulip.bench.regularizers import main
+    main(["--only", "J2", "--rounds", "1", "--warmup", "0", "--batch-size", "4", "--threads", "1",
+          "--shape", "3,32,32", "--model", "cnn_small"])
+    table = capsys.readouterr().out
+    assert "| J2 |" in table and "| none |" in table and "batch 4" in table

@@ -211,3 +211,22 @@ def test_interrupted_jobs_resume_and_match_an_uninterrupted_run(tmp_path, slurm_
         assert resumed.get("name") == f"{name}-attempt2", resumed.get("name")
         assert resumed.get("group") == runs[0][0]["group"] != ""
         assert resumed["epochs"] == list(range(1, epochs + 1)), resumed["epochs"]
+
+
+def test_multi_objective_study_through_slurm(tmp_path, slurm_env):
+    """hydra/sweeper=optuna on the cluster: 6 trials in batches of 3 SLURM jobs, each told to the study."""
+    import optuna
+    from test_study import MO_TINY, OBJECTIVES, assert_report_draws_the_front
+    sweep_dir = tmp_path / "study"
+    args = [*MO_TINY, *SLURM, "hydra.sweeper.n_trials=6", "hydra.sweeper.n_jobs=3",
+            "hydra.sweeper.sampler.population_size=3"]
+    result = sweep_on_cluster(args, sweep_dir, tmp_path, slurm_env, timeout=400)
+    assert result.returncode == 0, output_of(result)
+    trials = optuna.load_study(study_name="tulip", storage=f"sqlite:///{sweep_dir / 'optuna.db'}").get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 6
+    for trial in trials:
+        job = sweep_dir / str(trial.user_attrs["job"])
+        assert trial.values == [read_summary(job)[k] for k in OBJECTIVES]
+        assert re.fullmatch(r"\d+_[0-2]", OmegaConf.load(job / ".hydra" / "hydra.yaml").hydra.job.id)
+    assert len(array_ids(sweep_dir)) == 6  # two arrays of three SLURM jobs
+    assert_report_draws_the_front(sweep_dir, tmp_path / "report")

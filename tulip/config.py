@@ -12,6 +12,8 @@ import math
 import torch
 from omegaconf import DictConfig, ListConfig
 
+from tulip.metric_keys import BEST_ATTACK, canonical, is_scalar_key, parse_robust_error
+
 MODES = ("train", "evaluate", "summary")
 DEVICES = ("auto", "cpu", "cuda")
 WANDB_MODES = ("offline", "online", "disabled")
@@ -107,10 +109,40 @@ def validate(cfg: DictConfig) -> None:
     _require(cfg.channels_last == "auto" or isinstance(cfg.channels_last, bool), "channels_last",
              cfg.channels_last, "auto | true | false")
     _require(isinstance(cfg.compile, bool), "compile", cfg.compile, "true | false")
+    validate_objectives(cfg)
     _require(cfg.wandb.mode in WANDB_MODES, "wandb.mode", cfg.wandb.mode, " | ".join(WANDB_MODES))
     for key in ("init_timeout_s", "finish_timeout_s"):
         timeout = cfg.wandb[key]
         _require(is_number(timeout) and 0 < timeout <= LARGEST, f"wandb.{key}", timeout, "seconds > 0 (e.g. 30)")
+
+
+def validate_objectives(cfg: DictConfig) -> None:
+    """`objectives`: metrics this run can produce. A robust-error key must name an attack of the run (or
+    `best`) and an ε of its curve, so that a sweep does not train for hours to return NaN."""
+    objectives = cfg.get("objectives")
+    _require(isinstance(objectives, ListConfig) and len(objectives) >= 1
+             and all(isinstance(o, str) and is_scalar_key(o) for o in objectives), "objectives", objectives,
+             "a list of metric keys, e.g. [test/error_pct,attack/best/error_pct_l2@1] (see tulip/metric_keys.py)")
+    for name in objectives:
+        key = parse_robust_error(name)
+        if key is None:
+            continue
+        attacks = list(cfg.attack.get("methods") or {})
+        if key.attack == "certified":
+            _require(cfg.eval.bounds, "objectives", name, "eval.bounds=true for a certified-error objective")
+        else:
+            _require(key.attack == BEST_ATTACK or key.attack in attacks, "objectives", name,
+                     f"an attack of this run: best or one of {attacks}")
+        budgets = [float(e) for e in (cfg.attack.epsilons.get(key.norm) or [])]
+        _require(key.eps_value in budgets, "objectives", name,
+                 f"an eps of attack.epsilons.{key.norm} {budgets} (or add {key.eps} there)")
+
+
+def objective_values(metrics: dict, names) -> float | tuple[float, ...]:
+    """What run.py returns to a sweeper: the metrics `objectives` names (NaN where missing: a diverged
+    or failed evaluation), one float for one objective, a tuple in order for several."""
+    values = tuple(float(metrics.get(canonical(name), float("nan"))) for name in names)
+    return values[0] if len(values) == 1 else values
 
 
 def resolve_device(name: str) -> torch.device:

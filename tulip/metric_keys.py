@@ -184,6 +184,14 @@ _ROBUST_ERROR = re.compile(r"^(?:attack/(?P<attack>[^/]+)/|(?P<certified>cert/|b
                            r"error_pct(?:_(?P<norm>[a-z0-9]+))?@(?P<eps>.+)$")
 
 
+def canonical(key: str) -> str:
+    """A key as Tulip writes it: a robust-error key's eps in ``%g`` form (``…@1.0`` → ``…@1``)."""
+    parts = parse_robust_error(key)
+    if parts is None or parts.eps_value == float("inf"):
+        return key
+    return f"{parts.stem}@{eps_text(parts.eps_value)}"
+
+
 def parse_robust_error(key: str) -> RobustErrorKey | None:
     """The parts of a robust-error or certified-error key, None for any other key."""
     match = _ROBUST_ERROR.match(key)
@@ -193,3 +201,17 @@ def parse_robust_error(key: str) -> RobustErrorKey | None:
     return RobustErrorKey(attack="certified" if certified else match["attack"],
                           norm="l2" if certified else (match["norm"] or ""),
                           eps=match["eps"], stem=key.split("@")[0])
+
+
+# Every fixed key above that holds one number (not the prefixes, stems, tables or W&B names): what
+# `objectives` may name besides the patterned keys.
+_NOT_NUMBERS = {"ATTACK_PER_IMAGE", "CERT_CURVE"}
+FIXED_KEYS = frozenset(value for name, value in list(globals().items())
+                       if name.isupper() and isinstance(value, str) and "/" in value and not value.endswith("/")
+                       and "STEM" not in name and not name.startswith("WANDB") and name not in _NOT_NUMBERS)
+_ATTACK_DISTANCE = re.compile(r"^attack/[^/]+/(median|mean)_[a-z0-9]+$")
+
+
+def is_scalar_key(key: str) -> bool:
+    """A key that names one number of a run: a fixed key, an attack's distance or a robust-error key."""
+    return key in FIXED_KEYS or bool(_ATTACK_DISTANCE.match(key)) or parse_robust_error(key) is not None

@@ -33,6 +33,9 @@ if [ "$what" != tests ]; then
     step bench_regularizers 90 "$python" -m tulip.bench regularizers --device cuda --rounds 8
     step bench_regularizers_bf16 90 "$python" -m tulip.bench regularizers --device cuda --rounds 8 \
         --precision bf16 --channels-last
+    # the CIFAR-10 study's step (sweeps/paper_cifar10_study.yaml): its GPU-hours per trial
+    step bench_resnext_cifar 150 "$python" -m tulip.bench regularizers --device cuda --rounds 5 \
+        --model resnext34_2x32 --shape 3,32,32 --only lip+J2
     step bench_attacks 90 "$python" -m tulip.bench attacks --device cuda
     step bench_autoattack 120 "$python" -m tulip.bench attacks --device cuda --attack autoattack_l2 --n 50
     step bench_nn 45 "$python" -m tulip.bench nn --device cuda

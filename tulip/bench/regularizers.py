@@ -1,12 +1,12 @@
 """``python -m tulip.bench regularizers``: the cost of every regularizer, Tulip vs a hand-written loop.
 
-In one process, on one model (``--model``, default cnn_small: tulip.models.CNNSmall) and one MNIST-shaped
-batch (default 128), times a full training step (forward + backward + SGD step) for every
-``conf/regularizer`` option — the Tulip objective composed from the real Hydra config — and for the same
-math written as a minimal hand-written loop with the same settings. Measurements are interleaved
-round-robin (a plain, a Tulip and a hand-written step for each regularizer in turn), so that load from
-other processes hits all variants alike; the table gives the medians of the per-round ratios to the plain
-step and of Tulip / hand-written.
+In one process, on one model (``--model``, default cnn_small: tulip.models.CNNSmall) and one batch
+(default 128) of MNIST-shaped random images (``--shape 3,32,32``: CIFAR-shaped), times a full training
+step (forward + backward + SGD step) for every ``conf/regularizer`` option — the Tulip objective
+composed from the real Hydra config — and for the same math written as a minimal hand-written loop with
+the same settings. Measurements are interleaved round-robin (a plain, a Tulip and a hand-written step
+for each regularizer in turn), so that load from other processes hits all variants alike; the table
+gives the medians of the per-round ratios to the plain step and of Tulip / hand-written.
 
 ``--precision bf16`` and ``--channels-last`` time the step as ``precision=bf16`` and ``channels_last=true``
 train it (both variants alike). On ``--device cuda`` the benchmark also gives the plain step's images/s
@@ -270,6 +270,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--model", default="cnn_small", help="a conf/model option (default cnn_small)")
+    parser.add_argument("--shape", default="1,28,28", type=lambda text: tuple(int(v) for v in text.split(",")),
+                        help="C,H,W of the random images (default 1,28,28, MNIST; 3,32,32 for CIFAR)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
@@ -297,10 +299,12 @@ def main(argv: list[str]) -> None:
                    for name in names}
     regs = {name: cfg.reg for name, cfg in configs.items()}
 
-    torch.manual_seed(0)  # an MNIST-shaped model and batch
-    model = instantiate(configs["none"].model, in_channels=1, num_classes=10, image_size=28).to(device).train()
+    torch.manual_seed(0)  # a model and a batch of random images of --shape
+    channels, height, width = args.shape
+    model = instantiate(configs["none"].model, in_channels=channels, num_classes=10,
+                        image_size=height).to(device).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    x = torch.rand(args.batch_size, 1, 28, 28, device=device)
+    x = torch.rand(args.batch_size, channels, height, width, device=device)
     y = torch.randint(0, 10, (args.batch_size,), device=device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)

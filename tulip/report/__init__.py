@@ -4,6 +4,7 @@
     tulip-report multirun/part_a multirun/part_b --out report/ # several sweeps in one report
     tulip-report outputs/a outputs/b --out report/ --by model  # run folders
     tulip-report --from-csv report/report.csv --order none,lip # redraw the figures from a table
+    tulip-report multirun/study --front                       # Pareto fronts of multi-objective studies
     python -m tulip.report multirun/... --metric +train/loss   # the same, as a module
 
 Reads every run folder found below the inputs (a folder holding summary.json or .hydra/overrides.yaml):
@@ -24,12 +25,17 @@ Writes into --out (default: the first input folder):
   robust_error.{pdf,png}        robust error against ε per attack (and the certified error), per config
   clean_vs_robust.{pdf,png}     robust error at one ε against test error, one point per config
   training_curves.{pdf,png}     test error and lipschitz/loss_grad_max per epoch, per config
+  front.{pdf,png}, front.csv    with --front X,Y (default: the runs' first two `objectives`): each family's
+                                non-dominated configurations in the (X, Y) plane, seeds' spread as error
+                                bars, and their table (also a section of report.md)
+  front_certified.{pdf,png,csv} the same against the certified error at the smallest ε, when runs have it
 Exit status 1 only when not a single run could be read; every unreadable run is named on stderr.
 
 The package, one job per module (none imports a later one):
   runs.py     finding and reading run folders and multirun.yaml (also tulip.callbacks' reader)
   tables.py   runs.csv, configurations, aggregation over seeds (pandas), report.csv and report.md
   plots.py    the figures
+  pareto.py   the Pareto fronts (--front): non-dominated configurations, their figure and table
   cli.py      the command line (`main`)
 """
 

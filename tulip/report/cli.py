@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from tulip.report.pareto import front_axes, recorded_objectives, write_fronts
 from tulip.report.plots import make_figures, scatter_curve
 from tulip.report.runs import normalise, read_runs, read_sweep, sweep_text
 from tulip.report.tables import (RunTable, aggregate, read_report_csv, select_metrics, swept_keys, write_csv,
@@ -39,7 +40,17 @@ def parse_args(argv):
     parser.add_argument("--from-csv", type=Path, default=None, metavar="CSV",
                         help="redraw the figures (all but the training curves) from a runs.csv or "
                              "report.csv that tulip-report wrote, without the run folders")
+    parser.add_argument("--front", nargs="?", const="", default=None, metavar="X,Y",
+                        help="Pareto fronts per --by value and across all: front.{pdf,png,csv} (and "
+                             "front_certified.* against the certified error at the smallest ε) and a "
+                             "report.md section; X and Y are summary.json keys, both minimised (default: "
+                             "the first two of the runs' config `objectives`). Put a bare --front after "
+                             "the folders")
     args = parser.parse_args(argv)
+    if args.front and "," not in args.front:
+        # `tulip-report --front multirun/study` would take the folder for the axes: say so.
+        parser.error(f"--front {args.front}: X,Y are two summary.json keys separated by a comma; for the "
+                     f"default axes put --front after the folders")
     if bool(args.inputs) == bool(args.from_csv):
         parser.error("give run folders or --from-csv CSV (one of the two)")
     return args
@@ -78,6 +89,8 @@ def main(argv=None) -> int:
         print(f"tulip-report: {messages[-1]}", file=sys.stderr)
     try:
         scatter = scatter_curve(table.metrics, args.epsilon)
+        if args.front is not None:  # checked before anything is written
+            front = front_axes(args.front, recorded_objectives([run.config for run in placed]), table.metrics)
     except ValueError as error:
         print(f"tulip-report: {error}", file=sys.stderr)
         return 2
@@ -96,6 +109,13 @@ def main(argv=None) -> int:
     write_csv(out / "report.csv", configurations, keys, metrics)
     write_markdown(out / "report.md", args.inputs, keys, runs, configurations, metrics, plots, messages,
                    sweep_text(sweep), notes)
+    if args.front is not None:
+        folders = [[(str(placed[i].path), placed[i].status) for i in rows] for rows in members]
+        section, printed = write_fronts(out, configurations, keys, by, table.metrics, front, folders)
+        with (out / "report.md").open("a") as report_md:
+            report_md.write("\n".join(section) + "\n")
+        for line in printed:
+            print(f"tulip-report: {line}")
     readable = sum(run.status != "unreadable" for run in runs)
     print(f"tulip-report: {readable}/{len(runs)} runs read, {len(configurations)} configurations -> "
           f"{out / 'report.md'}, report.csv, runs.csv, {len(plots)} figures (PDF and PNG)")
@@ -107,6 +127,7 @@ def replot(args) -> int:
     before `seeds`) or a runs.csv (one row per run, aggregated here)."""
     path = args.from_csv
     out = args.out or path.parent
+    folders = None  # of each configuration's runs: in a runs.csv, not in a report.csv
     try:
         if "seeds" in pd.read_csv(path, nrows=0).columns:
             configurations, keys, metrics = read_report_csv(path, args.order or ())
@@ -123,15 +144,25 @@ def replot(args) -> int:
             placed = table.rows(table.placed)
             keys, metrics = swept_keys(placed, by), table.metrics
             order = args.order or (list(placed.frame[by]) if by else [])  # the order runs.csv lists them in
-            configurations, _ = aggregate(placed, keys, metrics, order)
+            configurations, members = aggregate(placed, keys, metrics, order)
+            runs = list(zip(placed.frame["run"], placed.frame["status"]))
+            folders = [[runs[i] for i in rows] for rows in members]
         scatter = scatter_curve(metrics, args.epsilon)
+        # a csv does not hold the runs' config: the axes must be named
+        front = None if args.front is None else front_axes(args.front, None, metrics)
     except (OSError, ValueError, pd.errors.ParserError) as error:
         print(f"tulip-report: {error}", file=sys.stderr)
-        return 2 if isinstance(error, ValueError) and "--epsilon" in str(error) else 1
+        option = isinstance(error, ValueError) and str(error).startswith(("--epsilon", "--front"))
+        return 2 if option else 1
     out.mkdir(parents=True, exist_ok=True)
     plots, notes = make_figures(out, keys, by, configurations, metrics, scatter)
     for note in notes:
         print(f"tulip-report: {note}")
+    if front is not None:  # the fronts' section, without report.md to end: front.md
+        section, printed = write_fronts(out, configurations, keys, by, metrics, front, folders)
+        (out / "front.md").write_text("\n".join([f"# Tulip report: {path}"] + section) + "\n")
+        for line in printed:
+            print(f"tulip-report: {line}")
     print(f"tulip-report: {len(configurations)} configurations from {path} -> {len(plots)} figures "
           f"(PDF and PNG) in {out}: " + ", ".join(png.stem for _, png in plots))
     return 0

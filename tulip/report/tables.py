@@ -153,7 +153,7 @@ class RunTable:
         metrics = names[names.index(SEED) + 1:]
         frame = text[RUN_COLUMNS].astype(object)
         for column in columns:
-            frame[column] = [None if cell == "" else normalise(cell) for cell in text[column]]
+            frame[column] = pd.Series([None if c == "" else normalise(c) for c in text[column]], dtype=object)
         present = text[metrics] != ""
         values = text[metrics].apply(pd.to_numeric, errors="coerce").astype(float)
         return cls(pd.concat([frame, values], axis=1), present, columns, metrics)
