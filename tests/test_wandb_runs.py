@@ -122,7 +122,7 @@ def test_evaluation_logs_its_per_image_table(job):
 def test_mode_runs_are_not_training_attempts(job):
     """A training attempt in the folder after the modes' runs is the second attempt, not the fourth."""
     run_dir, _ = job
-    cfg = compose_config(*FAST, "wandb.mode=disabled")
+    cfg = compose_config(*FAST, OFFLINE)
     _, context = hydra_context()
     tracker = Tracker(cfg, RunFolder(run_dir), context)
     tracker.finish({}, failed=False)

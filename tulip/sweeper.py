@@ -24,7 +24,6 @@ class there (conf/hydra/sweeper/optuna.yaml).
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import warnings
@@ -41,6 +40,8 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.distributions import (BaseDistribution, CategoricalDistribution, FloatDistribution,
                                   IntDistribution)
 from optuna.trial import TrialState
+
+from tulip.report.runs import read_summary
 
 log = logging.getLogger(__name__)
 
@@ -188,10 +189,14 @@ class OptunaSweeper(Sweeper):
                      f"{trial.user_attrs.get(JOB_ATTR)}")
 
     @staticmethod
-    def finished(study: optuna.Study) -> int:
+    def ended_trials(study: optuna.Study) -> list:
+        """The trials that count: complete or failed, less the stale records of interrupted ones."""
         interrupted = set(study.user_attrs.get(INTERRUPTED_ATTR, []))
-        return sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))
-                   if t.number not in interrupted)
+        return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))
+                if t.number not in interrupted]
+
+    def finished(self, study: optuna.Study) -> int:
+        return len(self.ended_trials(study))
 
     def assign_jobs(self, study: optuna.Study, wanted: list[int | None]) -> list[int]:
         """Job folder numbers: the given ones kept (a re-run resumes its folder), new ones for None."""
@@ -247,9 +252,7 @@ class OptunaSweeper(Sweeper):
     def told_as_duplicate(self, study: optuna.Study, trial: optuna.Trial) -> bool:
         """A proposal equal to a finished trial (NSGA-II's crossover often repeats a parent) gets that
         trial's result without a run: a run is deterministic for its config and seed."""
-        interrupted = set(study.user_attrs.get(INTERRUPTED_ATTR, []))
-        twin = next((t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))
-                     if t.params == trial.params and t.number not in interrupted), None)
+        twin = next((t for t in self.ended_trials(study) if t.params == trial.params), None)
         if twin is None:
             return False
         trial.set_user_attr(JOB_ATTR, twin.user_attrs.get(JOB_ATTR))
@@ -274,11 +277,9 @@ class OptunaSweeper(Sweeper):
             study.tell(trial, values)
 
     def finished_job(self, job: int) -> bool:
-        summary = self.sweep_dir / str(job) / "summary.json"
-        try:
-            return json.loads(summary.read_text()).get("status") in ("finished", "diverged")
-        except (OSError, ValueError):
-            return False
+        """Whether job folder `job` holds a run that ended (a diverged run is an ended one)."""
+        summary, _ = read_summary(self.sweep_dir / str(job))
+        return summary.get("status") in ("finished", "diverged")
 
     def rerun_front(self, study: optuna.Study, front: list, fixed: list[str]) -> list:
         """Each Pareto-optimal trial once more per seed of ``reseed``. A re-run's folder is recorded

@@ -41,16 +41,10 @@ def non_dominated(points: list[tuple[float, float]]) -> list[bool]:
 
 
 def find_metric(key: str, metrics: list[str]) -> str | None:
-    """The metric column `key` names: itself, or the same robust-error curve at the same ε spelled
-    another way (`objectives` may say `…@1.0` where summary.json writes `…@1`)."""
-    if key in metrics:
-        return key
-    wanted = metric_keys.parse_robust_error(key)
-    for metric in metrics:
-        parsed = metric_keys.parse_robust_error(metric)
-        if wanted and parsed and (parsed.stem, parsed.eps_value) == (wanted.stem, wanted.eps_value):
-            return metric
-    return None
+    """The metric column `key` names: itself, or the same key spelled another way (`objectives` may
+    say `…@1.0` where summary.json writes `…@1`)."""
+    by_canonical = {metric_keys.canonical(metric): metric for metric in metrics}
+    return key if key in metrics else by_canonical.get(metric_keys.canonical(key))
 
 
 def recorded_objectives(configs: list[dict]) -> list[list[str]]:
