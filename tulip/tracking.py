@@ -2,9 +2,9 @@
 
 The files (metrics.jsonl, summary.json: tulip.run_folder) are the record of truth. W&B is offline by
 default (no account, no network); `wandb.mode=disabled` starts no run and does not even import wandb
-(0.4 s of each job's start-up), every call below then being a no-op. W&B never fails a job: an online run that cannot reach
-its server within `wandb.init_timeout_s` becomes an offline run, and any other W&B error (at start,
-log or finish) is one warning, after which the job goes on without W&B.
+(0.4 s of each job's start-up), every call below then being a no-op. W&B never fails a job: an
+online run that cannot reach its server within `wandb.init_timeout_s` becomes an offline run, and
+any other W&B error (at start, log or finish) is one warning, after which the job goes on without W&B.
 
 Every run has a W&B job type: `train` for a training attempt, `evaluate` and `summary` for the modes that
 work on an existing run folder. Those join the training run's group, which training records in
