@@ -111,7 +111,7 @@ def distinct(trials: list) -> list:
     return kept
 
 
-def objective_values(returned: Any, count: int) -> list[float] | None:
+def returned_values(returned: Any, count: int) -> list[float] | None:
     """A job's return value as ``count`` finite floats, None when it is not (diverged: NaN)."""
     values = list(returned) if isinstance(returned, (tuple, list)) else [returned]
     if len(values) != count:
@@ -267,7 +267,7 @@ class OptunaSweeper(Sweeper):
 
     def tell(self, study: optuna.Study, trial: optuna.Trial, ret, count: int) -> None:
         from hydra.core.utils import JobStatus
-        values = objective_values(ret.return_value, count) if ret.status == JobStatus.COMPLETED else None
+        values = returned_values(ret.return_value, count) if ret.status == JobStatus.COMPLETED else None
         if values is None:
             study.tell(trial, state=TrialState.FAIL)
             log.warning(f"trial {trial.number} (job {trial.user_attrs.get(JOB_ATTR)}): "
