@@ -1,13 +1,16 @@
 """Sweeps without SLURM: the shipped sweep files, the launcher configs, and real multiruns of run.py
-through Hydra's basic launcher and submitit_local (W&B offline runs grouped per sweep, a failing job
-that does not stop the others, the end-of-sweep report of tulip.callbacks).
+through Hydra's basic launcher, submitit_local and Tulip's local launcher (W&B offline runs grouped per
+sweep, a failing job that does not stop the others, the end-of-sweep report of tulip.callbacks, at most
+`array_parallelism` local jobs at once).
 
 The SLURM versions of these runs are in tests/test_slurm.py.
 """
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -224,6 +227,64 @@ def test_a_raising_job_does_not_stop_the_others_and_is_reported(tmp_path):
     assert diverged["status"] == "diverged", diverged
     assert finished["status"] == "finished", finished
     assert "job 0 (failed), job 1 (diverged)" in result.stdout, output_of(result)
+
+
+@pytest.mark.slow
+def test_the_local_launcher_runs_at_most_array_parallelism_jobs_at_once(tmp_path):
+    """hydra/launcher=local with 2 slots and 4 jobs: job 0 fails at once (bad value), so job 2 starts
+    while job 1 runs (side by side: two processes), and job 3 only once job 1 or 2 has ended. Each
+    job's measured interval (`time/job_start` to its end) lies inside its process's life, so three that
+    overlap would mean three processes at once."""
+    sweep_dir = tmp_path / "sweep"
+    result = run_tulip(["-m", "optim.lr=-1,0.05,0.1,0.2", *TINY, "wandb.mode=disabled", "hydra/launcher=local",
+                        "hydra.launcher.array_parallelism=2", f"hydra.sweep.dir={sweep_dir}"],
+                       cwd=tmp_path, timeout=300, env={"OMP_NUM_THREADS": "2"})
+    assert result.returncode == 1, output_of(result)  # a job raised: the multirun says so, at the end
+    failed, *finished = (read_summary(job) for job in job_folders(sweep_dir))
+    assert failed["status"] == "failed" and "optim.lr" in failed["error"], failed
+    assert [s["status"] for s in finished] == ["finished"] * 3, finished
+    assert {s["threads"] for s in finished} == {1}  # 2 CPUs (OMP_NUM_THREADS) shared by 2 jobs at once
+    (start1, end1), (start2, end2), (start3, _) = (
+        (s["time/job_start"], s["time/job_start"] + s["time/total_s"]) for s in finished)
+    assert start2 < end1  # side by side
+    assert start3 >= min(end1, end2)  # never three at once
+    assert "job 0 (failed)" in result.stdout, output_of(result)
+
+
+@pytest.mark.slow
+def test_a_killed_local_job_does_not_stop_the_next_and_is_named_at_the_end(tmp_path):
+    """One job at a time; job 0's process is killed (SIGKILL: no result, no summary) as soon as Hydra
+    has started it. Job 1 must still run to the end, and the sweep must then fail naming job 0."""
+    sweep_dir = tmp_path / "sweep"
+    args = ["-m", "seed=0,1", *[a for a in TINY if not a.startswith("epochs=")], "epochs=3",
+            "wandb.mode=disabled", "hydra/launcher=local", "hydra.launcher.array_parallelism=1",
+            f"hydra.sweep.dir={sweep_dir}"]
+    sweep = subprocess.Popen([sys.executable, str(RUN_PY), *args], cwd=tmp_path, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        hydra_yaml = sweep_dir / "0" / ".hydra" / "hydra.yaml"  # written as the job starts
+        deadline = time.monotonic() + 120
+        while not hydra_yaml.is_file() and time.monotonic() < deadline and sweep.poll() is None:
+            time.sleep(0.05)
+        time.sleep(0.2)  # the file is complete
+        os.kill(int(OmegaConf.load(hydra_yaml).hydra.job.id), signal.SIGKILL)  # the job's own process
+        stdout, stderr = sweep.communicate(timeout=240)
+    finally:
+        sweep.kill()
+    assert sweep.returncode != 0
+    assert "job 0" in stderr and "ended without a result, exit code -9 (signal 9)" in stderr, stderr[-3000:]
+    assert not (sweep_dir / "0" / "summary.json").exists()  # killed before it could write one
+    assert read_summary(sweep_dir / "1")["status"] == "finished"
+
+
+def test_a_bad_array_parallelism_stops_the_sweep_before_any_job(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    result = run_tulip(["-m", "seed=0,1", *TINY, "hydra/launcher=local", "hydra.launcher.array_parallelism=0",
+                        f"hydra.sweep.dir={sweep_dir}"], cwd=tmp_path, timeout=120)
+    assert result.returncode != 0
+    assert "hydra.launcher.array_parallelism must be a positive integer or auto, got 0" in result.stderr, \
+        output_of(result)
+    assert not sweep_dir.exists() or not job_folders(sweep_dir)
 
 
 def test_certified_sweep_compares_gloro_with_the_others_on_one_certifiable_network():

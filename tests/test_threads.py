@@ -8,6 +8,7 @@ import pytest
 from conftest import ROOT, compose_with_hydra
 from tulip.callbacks import ShareCpus, largest_batch
 from tulip.cpus import JOBS_AT_ONCE, cpus_given, threads_for_job
+from tulip.launcher import parallel_jobs
 
 AFFINITY = len(os.sched_getaffinity(0))
 
@@ -48,6 +49,8 @@ def test_an_explicit_thread_count_is_used_as_given(env):
 @pytest.mark.parametrize("launcher, sweep, expected", [
     ("submitit_local", ["seed=0,1,2", "reg.lip=0,0.1"], "6"),  # all six start at once
     ("submitit_local", ["seed=0,1,2", "hydra.sweeper.max_batch_size=2"], "2"),  # two at a time
+    ("local", ["seed=0,1,2", "hydra.launcher.array_parallelism=2"], "2"),  # two at a time
+    ("local", ["seed=0", "hydra.launcher.array_parallelism=2"], "1"),  # a one-job sweep runs alone
     ("basic", ["seed=0,1,2"], None),  # one job at a time: no sharing
     ("slurm_local", ["seed=0,1,2"], None),  # SLURM gives each job its CPUs
 ])
@@ -59,6 +62,18 @@ def test_share_cpus_tells_the_jobs_of_a_local_launcher_how_many_run_at_once(env,
     cfg.hydra.overrides.task = [o for o in sweep if not o.startswith("hydra.")]
     ShareCpus().on_multirun_start(cfg)
     assert os.environ.get(JOBS_AT_ONCE) == expected
+
+
+def test_the_local_launcher_runs_one_job_per_cpu_unless_told(env):
+    assert parallel_jobs("auto") == parallel_jobs(None) == cpus_given()
+    assert parallel_jobs(3) == 3
+    for bad in (0, -1, 2.5, True, "two"):
+        with pytest.raises(ValueError, match="hydra.launcher.array_parallelism must be a positive integer"):
+            parallel_jobs(bad)
+    cfg = compose_with_hydra("hydra/launcher=local")
+    cfg.hydra.overrides.task = [f"seed={','.join(map(str, range(cpus_given() + 3)))}"]
+    ShareCpus().on_multirun_start(cfg)
+    assert os.environ[JOBS_AT_ONCE] == str(cpus_given())  # auto: as many jobs at once as CPUs
 
 
 def test_a_sweep_files_params_count_too():

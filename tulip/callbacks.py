@@ -18,6 +18,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from tulip.cpus import JOBS_AT_ONCE, cpus_given
+from tulip.launcher import parallel_jobs
 from tulip.metric_keys import TEST_ERROR
 from tulip.report.runs import NO_SUMMARY, job_folders, read_overrides, read_summary
 
@@ -84,12 +85,18 @@ class SweepReport(Callback):
         print(format_report(self.sweep_dir, collect_jobs(self.sweep_dir), self.metric), flush=True)
 
 
-# Launchers that run a sweep's jobs side by side on this machine, and the launcher key (if any) that
-# caps how many run at once. SLURM's jobs get their own CPUs (SLURM_CPUS_PER_TASK); the basic launcher
-# runs one job at a time.
+def _joblib_cap(launcher: DictConfig) -> int | None:
+    n_jobs = launcher.get("n_jobs")
+    return None if n_jobs is None else cpus_given() if n_jobs < 0 else n_jobs  # -1: one per CPU
+
+
+# Launchers that run a sweep's jobs side by side on this machine, and how many of a batch they run at
+# once (None: all of them), from the launcher's config. SLURM's jobs get their own CPUs
+# (SLURM_CPUS_PER_TASK); the basic launcher runs one job at a time.
 LOCAL_PARALLEL_LAUNCHERS = {
-    "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher": None,
-    "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher": "n_jobs",
+    "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher": lambda launcher: None,
+    "hydra_plugins.tulip_launcher.LocalLauncher": lambda launcher: parallel_jobs(launcher.array_parallelism),
+    "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher": _joblib_cap,
 }
 
 
@@ -121,8 +128,7 @@ class ShareCpus(Callback):
             jobs = largest_batch(config)
         except Exception:  # a sweep syntax this count does not follow (glob over groups): one core each
             jobs = cpus_given()
-        cap_key = LOCAL_PARALLEL_LAUNCHERS[target]
-        cap = launcher.get(cap_key) if cap_key else None
+        cap = LOCAL_PARALLEL_LAUNCHERS[target](launcher)
         if cap is not None:
-            jobs = min(jobs, cpus_given() if cap < 0 else cap)  # joblib's n_jobs=-1: one per CPU
+            jobs = min(jobs, cap)
         os.environ[JOBS_AT_ONCE] = str(max(1, jobs))

@@ -1,24 +1,27 @@
 """``python -m tulip.bench sweep``: what a sweep costs beyond its training, per launcher.
 
 Runs the same 4-job grid (optim.lr x seed, `--epochs` (1) of mnist5k, no attack) through `python run.py -m`
-with Hydra's basic launcher, submitit_local and the local SLURM cluster (when `scontrol ping`
-answers: see tests/slurm/start.sh), and reads each job's summary.json:
+with Hydra's basic launcher, Tulip's `local` (one job per CPU at a time), submitit_local (every job at
+once) and the local SLURM cluster (when `scontrol ping` answers: see tests/slurm/start.sh), and reads
+each job's summary.json:
 
 - sweep wall time: from the command's start to its exit;
 - per-job overhead: from the moment the job could have started to its first training step
   (`time/first_step`). A job can start when the sweep is submitted, or - when all launch slots are busy
-  (the basic launcher runs one job at a time, SLURM as many as the node has CPUs for) - when an
-  earlier job ends. It includes the Python start, imports, Hydra, submission and scheduling ("launch"),
+  (the basic launcher runs one job at a time, `local` one per CPU, SLURM as many as the node has CPUs
+  for) - when an earlier job ends. It includes the Python start, imports, Hydra, submission and scheduling ("launch"),
   and the job's own data loading, model building and W&B start ("setup": `time/job_start` to
   `time/first_step`).
 
 Each job's thread count (tulip.cpus: its share of the cores) is in its summary.json; the `x basic`
-column compares each launcher's sweep wall time with the basic launcher's one job after another.
+column compares each launcher's sweep wall time with the basic launcher's one job after another, in the
+same round (`--rounds N` runs every launcher N times, interleaved, and prints medians).
 Speed is never asserted here; the goal is <= 10 s overhead per job.
 """
 import argparse
 import heapq
 import json
+import math
 import os
 import platform
 import shutil
@@ -29,10 +32,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from tulip.cpus import cpus_given
+
 ROOT = Path(__file__).resolve().parents[2]
 GRID = ["optim.lr=0.05,0.1", "seed=0,1"]  # 4 jobs of identical cost
 JOB = ["dataset=mnist5k", "attack=none"]
-LAUNCHERS = {"basic": [], "submitit_local": ["hydra/launcher=submitit_local"],
+LAUNCHERS = {"basic": [], "local": ["hydra/launcher=local"], "submitit_local": ["hydra/launcher=submitit_local"],
              "slurm": ["hydra/launcher=slurm_local"]}
 
 
@@ -64,6 +69,7 @@ def overheads(jobs: list[dict], submitted: float, slots: int) -> list[float]:
 def run_sweep(name: str, extra: list[str], workdir: Path, timeout: float) -> dict:
     # no OMP_NUM_THREADS from the caller's shell: each job's thread count is what Tulip chooses
     sweep_dir = workdir / name
+    workdir.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, str(ROOT / "run.py"), "-m", *GRID, *JOB, *LAUNCHERS[name], *extra,
                f"hydra.sweep.dir={sweep_dir}"]
     submitted = time.time()
@@ -80,43 +86,61 @@ def run_sweep(name: str, extra: list[str], workdir: Path, timeout: float) -> dic
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m tulip.bench sweep", description=__doc__.split("\n")[0])
-    parser.add_argument("--launchers", default="basic,submitit_local,slurm",
+    parser.add_argument("--launchers", default="basic,local,submitit_local,slurm",
                         help="comma-separated subset of: " + ",".join(LAUNCHERS))
     parser.add_argument("--wandb", default="offline", choices=["offline", "disabled"])
     parser.add_argument("--epochs", type=int, default=1, help="per job")
+    parser.add_argument("--rounds", type=int, default=1, help="each launcher's sweep this many times, "
+                        "interleaved; medians (× basic: of the ratios within a round)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per sweep")
     parser.add_argument("--keep", action="store_true", help="keep the sweep folders")
     args = parser.parse_args(argv)
 
     workdir = Path(tempfile.mkdtemp(prefix="tulip-bench-sweep-"))
-    rows, notes, walls = [], [], {}
+    names = args.launchers.split(",")
+    measured: dict[str, list[dict]] = {name: [] for name in names}  # per launcher, one dict per round
+    notes = []
     try:
-        for name in args.launchers.split(","):
-            slots = slurm_slots() if name == "slurm" else 1
-            if slots is None:
-                notes.append(f"{name}: skipped, no SLURM cluster answers (bash tests/slurm/start.sh; "
-                             f"export SLURM_CONF=...)")
-                continue
-            sweep = run_sweep(name, [f"wandb.mode={args.wandb}", f"epochs={args.epochs}"], workdir, args.timeout)
-            jobs = sweep["jobs"]
-            if name == "submitit_local":  # starts every job at once
-                slots = len(jobs)
-            over = overheads(jobs, sweep["submitted"], slots)
-            setup = [j["time/first_step"] - j["time/job_start"] for j in jobs]
-            train = [j["time/total_s"] - s for j, s in zip(jobs, setup)]
-            walls.setdefault("basic", sweep["wall"])
-            threads = sorted({str(j.get("threads", "?")) for j in jobs})
-            rows.append(f"| {name} | {len(jobs)} | {slots} | {'/'.join(threads)} | {sweep['wall']:.1f} | "
-                        f"{sweep['wall'] / walls['basic']:.2f} | "
-                        f"{statistics.mean(over):.1f} | {max(over):.1f} | "
-                        f"{statistics.mean(o - s for o, s in zip(over, setup)):.1f} | "
-                        f"{statistics.mean(setup):.1f} | {statistics.mean(train):.1f} |")
+        for round_ in range(args.rounds):  # launchers interleaved: each round compares them side by side
+            basic_wall = None
+            for name in names:
+                slots = {"slurm": slurm_slots, "local": cpus_given}.get(name, lambda: 1)()
+                if slots is None:
+                    if round_ == 0:
+                        notes.append(f"{name}: skipped, no SLURM cluster answers (bash tests/slurm/start.sh; "
+                                     f"export SLURM_CONF=...)")
+                    continue
+                sweep = run_sweep(name, [f"wandb.mode={args.wandb}", f"epochs={args.epochs}"],
+                                  workdir / f"round{round_}", args.timeout)
+                jobs = sweep["jobs"]
+                if name == "submitit_local":  # starts every job at once
+                    slots = len(jobs)
+                over = overheads(jobs, sweep["submitted"], slots)
+                setup = [j["time/first_step"] - j["time/job_start"] for j in jobs]
+                basic_wall = basic_wall or (sweep["wall"] if name == "basic" else None)
+                measured[name].append({
+                    "jobs": len(jobs), "slots": slots,
+                    "threads": "/".join(sorted({str(j.get("threads", "?")) for j in jobs})),
+                    "wall": sweep["wall"], "ratio": sweep["wall"] / basic_wall if basic_wall else math.nan,
+                    "over": statistics.mean(over), "over_max": max(over),
+                    "launch": statistics.mean(o - s for o, s in zip(over, setup)),
+                    "setup": statistics.mean(setup),
+                    "train": statistics.mean(j["time/total_s"] - s for j, s in zip(jobs, setup))})
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
 
+    rows = []
+    for name, rounds in measured.items():
+        if rounds:
+            median = {key: statistics.median(r[key] for r in rounds)
+                      for key in ("wall", "ratio", "over", "over_max", "launch", "setup", "train")}
+            rows.append(f"| {name} | {rounds[0]['jobs']} | {rounds[0]['slots']} | {rounds[0]['threads']} | "
+                        f"{median['wall']:.1f} | {median['ratio']:.2f} | {median['over']:.1f} | "
+                        f"{median['over_max']:.1f} | {median['launch']:.1f} | {median['setup']:.1f} | "
+                        f"{median['train']:.1f} |")
     print(f"Sweep overhead: 4-job grid ({' x '.join(GRID)}), epochs={args.epochs} {' '.join(JOB)}, "
-          f"wandb.mode={args.wandb}; "
+          f"wandb.mode={args.wandb}; medians of {args.rounds} round(s); "
           f"{platform.node()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
           + (f"; folders kept in {workdir}" if args.keep else ""))
     print()
