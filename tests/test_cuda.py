@@ -230,3 +230,15 @@ def test_an_interrupted_gpu_run_resumes_exactly(tmp_path, monkeypatch, regulariz
         return {k: v for k, v in metrics.items() if not k.startswith("time/")}
 
     assert without_times(resumed) == without_times(whole)
+
+
+def test_a_local_sweep_trains_its_jobs_side_by_side_on_the_gpu(tmp_path):
+    """hydra/launcher=local forks its jobs from the sweep's process, which must not have initialised
+    CUDA (a forked child could not): two jobs at once with device=cuda both train and finish."""
+    from test_sweeps import TINY, job_folders, output_of, read_summary, run_tulip
+    sweep_dir = tmp_path / "sweep"
+    result = run_tulip(["-m", "seed=0,1", *TINY, "device=cuda", "hydra/launcher=local",
+                        "hydra.launcher.array_parallelism=2", f"hydra.sweep.dir={sweep_dir}"],
+                       cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, output_of(result)
+    assert [read_summary(job)["status"] for job in job_folders(sweep_dir)] == ["finished", "finished"]
