@@ -9,9 +9,9 @@ each job's summary.json:
 - per-job overhead: from the moment the job could have started to its first training step
   (`time/first_step`). A job can start when the sweep is submitted, or - when all launch slots are busy
   (the basic launcher runs one job at a time, `local` one per CPU, SLURM as many as the node has CPUs
-  for) - when an earlier job ends. It includes the Python start, imports, Hydra, submission and scheduling ("launch"),
-  and the job's own data loading, model building and W&B start ("setup": `time/job_start` to
-  `time/first_step`).
+  for) - when an earlier job ends. It includes the Python start, imports, Hydra, submission and
+  scheduling ("launch"), and the job's own data loading, model building and W&B start ("setup":
+  `time/job_start` to `time/first_step`).
 
 Each job's thread count (tulip.cpus: its share of the cores) is in its summary.json; the `x basic`
 column compares each launcher's sweep wall time with the basic launcher's one job after another, in the
@@ -113,8 +113,7 @@ def main(argv: list[str]) -> None:
                 sweep = run_sweep(name, [f"wandb.mode={args.wandb}", f"epochs={args.epochs}"],
                                   workdir / f"round{round_}", args.timeout)
                 jobs = sweep["jobs"]
-                if name == "submitit_local":  # starts every job at once
-                    slots = len(jobs)
+                slots = len(jobs) if name == "submitit_local" else min(slots, len(jobs))  # all at once
                 over = overheads(jobs, sweep["submitted"], slots)
                 setup = [j["time/first_step"] - j["time/job_start"] for j in jobs]
                 basic_wall = basic_wall or (sweep["wall"] if name == "basic" else None)
