@@ -174,6 +174,11 @@ def test_sweep_report_names_jobs_that_did_not_finish(tmp_path, capsys):
     assert "NOT FINISHED: job 1 (diverged), job 2 (missing), job 3 (failed)" in out
 
 
+def test_sweep_report_of_a_sweep_that_started_no_job_says_so(tmp_path):
+    from tulip.callbacks import format_report
+    assert format_report(tmp_path, []) == f"Sweep {tmp_path}: no job started."
+
+
 # --- real multiruns -------------------------------------------------------------------------------
 
 @pytest.mark.slow

@@ -39,6 +39,8 @@ def collect_jobs(sweep_dir: Path) -> list[dict]:
 
 
 def format_report(sweep_dir: Path, jobs: list[dict], metric: str = TEST_ERROR) -> str:
+    if not jobs:  # the sweep stopped before its first job (Hydra says why above)
+        return f"Sweep {sweep_dir}: no job started."
     counts = {}
     for job in jobs:
         counts[job["status"]] = counts.get(job["status"], 0) + 1

@@ -38,6 +38,7 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, open_dict
 
 log = logging.getLogger(__name__)
+INTERRUPT_GRACE_S = 10  # how long an interrupted sweep waits for its jobs to stop on their own
 
 
 def parallel_jobs(array_parallelism: Any) -> int:
@@ -103,16 +104,19 @@ class LocalLauncher(Launcher):
                     except EOFError:
                         process.join()
                         first_error = first_error or RuntimeError(
-                            f"job {number} ({sweep_dir / str(number)}) ended without a result, exit code "
-                            f"{process.exitcode}" + (f" (signal {-process.exitcode})" if process.exitcode < 0 else ""))
+                            f"job {number} (in {sweep_dir}) ended without a result, exit code {process.exitcode}"
+                            + (f" (signal {-process.exitcode})" if process.exitcode < 0 else ""))
                     receiver.close()
                     process.join()
         except BaseException:
-            for number, process in running.values():  # interrupted: the jobs stop as after Ctrl-C
+            # Interrupted. Ctrl-C in a terminal has sent SIGINT to the jobs too: give them time to write
+            # their summaries (a second SIGINT could cut that short), then stop the others as Ctrl-C would.
+            for number, process in running.values():
+                process.join(timeout=INTERRUPT_GRACE_S)
+            for number, process in running.values():
                 if process.is_alive():
                     os.kill(process.pid, signal.SIGINT)
-            for number, process in running.values():
-                process.join()
+                    process.join()
             raise
         if first_error is not None:
             raise first_error
@@ -122,16 +126,23 @@ class LocalLauncher(Launcher):
         """In the forked process: the job, as Hydra's basic launcher runs it; its JobReturn goes back
         through `sender`."""
         assert self.config is not None and self.hydra_context is not None and self.task_function is not None
-        sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
-        with open_dict(sweep_config.hydra.job) as job:
-            job.id, job.num = str(os.getpid()), number
-        result = run_job(hydra_context=self.hydra_context, task_function=self.task_function,
-                         config=sweep_config, job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
+        try:
+            sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
+            with open_dict(sweep_config.hydra.job) as job:
+                job.id, job.num = str(os.getpid()), number
+            result = run_job(hydra_context=self.hydra_context, task_function=self.task_function, config=sweep_config,
+                             job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
+        except Exception as error:  # the job could not start (an override Hydra rejects): a failed job
+            result = _failed(overrides, error)
         try:
             sender.send(result)
         except Exception as error:  # a return value or exception that does not pickle: send its text
-            failed = JobReturn(overrides=result.overrides, working_dir=result.working_dir,
-                               task_name=result.task_name, status=JobStatus.FAILED)
-            failed.return_value = RuntimeError(f"job {number}'s result could not be sent back: {error}; "
-                                               f"it was {result._return_value!r}")
-            sender.send(failed)
+            sender.send(_failed(overrides, RuntimeError(f"job {number}'s result could not be sent back: "
+                                                        f"{error}; it was {result._return_value!r}")))
+
+
+def _failed(overrides: list[str], error: BaseException) -> JobReturn:
+    """A JobReturn saying the job failed with `error` (Hydra's sweeper raises it when it reads the result)."""
+    result = JobReturn(overrides=overrides, status=JobStatus.FAILED)
+    result.return_value = error
+    return result
