@@ -1,7 +1,7 @@
 """hydra/sweeper=optuna: multi-objective search over multipliers, resumable studies, the study sweep files.
 
 The sweeps here are real: `python run.py -m hydra/sweeper=optuna ...` with the basic launcher and with
-submitit_local (the local SLURM cluster's run is in tests/test_slurm.py), each trial a 1-epoch training.
+Tulip's local launcher (the local SLURM cluster's run, through submitit, is in tests/test_slurm.py), each trial a 1-epoch training.
 """
 import csv
 import json
@@ -24,6 +24,7 @@ from optuna.trial import TrialState
 from conftest import compose_config, compose_with_hydra
 from test_sweeps import RUN_PY, SWEEPS, TINY, job_folders, output_of, read_summary, run_tulip
 from tulip.config import ConfigError, objective_values, validate
+from tulip.cpus import cpus_given
 from tulip.sweeper import FRONT_FILE, distribution, search_space
 
 OBJECTIVES = ["test/error_pct", "attack/best/error_pct_l2@1"]
@@ -226,16 +227,17 @@ def test_a_repeated_proposal_takes_the_earlier_result_without_a_run(tmp_path):
     assert len({row["job"] for row in front}) == len(front)  # one row per distinct configuration
 
 
-def test_submitit_local_runs_the_trials_side_by_side(tmp_path):
-    result, sweep_dir = sweep(tmp_path, "hydra/launcher=submitit_local", "hydra.sweeper.n_trials=2",
-                              "hydra.sweeper.n_jobs=2")
+def test_the_local_launcher_runs_the_trials_side_by_side(tmp_path):
+    # its jobs fork from the sweep's process, which holds the study's database connection
+    result, sweep_dir = sweep(tmp_path, "hydra/launcher=local", "hydra.launcher.array_parallelism=2",
+                              "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2")
     assert result.returncode == 0, output_of(result)
     trials = load_study(sweep_dir).get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
     for trial in trials:
         summary = read_summary(sweep_dir / str(trial.user_attrs["job"]))
         assert trial.values == [summary[k] for k in OBJECTIVES]
-        assert summary["threads"] == 1  # two jobs at once on their share of the cores
+        assert summary["threads"] == max(1, cpus_given() // 2)  # two jobs at once, each its share of the cores
 
 
 @pytest.mark.parametrize("args, message", [
