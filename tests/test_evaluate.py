@@ -1,7 +1,9 @@
 """Evaluation end to end: a tiny training run with attacks + nn, then evaluate and summary modes on it."""
 import csv
 import json
+import logging
 import math
+import shutil
 
 import pytest
 import torch
@@ -136,6 +138,16 @@ def test_evaluate_mode_adds_attacks_to_an_existing_run(trained):
     rows = read_per_image(run_dir)
     assert len(rows) == 20 and "deepfool_l2_l2" in rows[0] and "certified_l2" in rows[0]
     assert after["cert/median_l2"] == pytest.approx(torch.tensor([r["certified_l2"] for r in rows]).median().item())
+
+
+def test_evaluating_an_unfinished_run_says_so(trained, tmp_path, caplog):
+    """A run killed before its summary (say, during its final evaluation) can be evaluated, with a warning."""
+    shutil.copytree(trained[0] / "checkpoints", tmp_path / "checkpoints")
+    with caplog.at_level(logging.WARNING, logger="tulip.modes"):
+        metrics = run(compose_config("mode=evaluate", f"run_dir={tmp_path}", "attack=none", "attack.n=10"))
+    written = json.loads((tmp_path / "summary.json").read_text())
+    assert written["cert/median_l2"] == pytest.approx(metrics["cert/median_l2"]) and "status" not in written
+    assert "its training has not finished (summary.json status: None)" in caplog.text
 
 
 def test_summary_mode_recomputes_the_original_statistics(trained, capsys):

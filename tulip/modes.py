@@ -10,6 +10,7 @@
 Each logs a W&B run of its own (job type ``evaluate`` / ``summary``, tulip.tracking) in the training
 run's group: the evaluation's curves, its per-image table and the mode's metrics as its summary.
 """
+import logging
 import math
 
 import torch
@@ -25,6 +26,8 @@ from tulip.run_folder import LoadedRun, RunFolder, load_run
 from tulip.seeding import seed_everything
 from tulip.tracking import JOB_EVALUATE, JOB_SUMMARY, RunContext, Tracker
 from tulip.train import NOT_TRAINING_STATE
+
+log = logging.getLogger(__name__)
 
 
 def _load(cfg: DictConfig) -> LoadedRun:
@@ -74,7 +77,11 @@ def evaluate_run(cfg: DictConfig, evaluation: Evaluation, context: RunContext | 
         raise ConfigError("mode=evaluate has nothing to do: set attack=<name> (e.g. attack=[ddn,pgd_l2]), "
                           "eval.bounds=true and/or eval.nn=true")
     run = _load(cfg)
-    run.folder.read_summary()  # a damaged summary.json stops here, not after the evaluation's work
+    status = run.folder.read_summary().get("status")  # a damaged summary.json stops here, before the work
+    if status != "finished":
+        log.warning("%s: its training has not finished (summary.json status: %s); evaluating its best "
+                    "checkpoint (epoch %d). Its training command finishes the run, whose own final evaluation "
+                    "then replaces this one.", run.folder.path, status, run.checkpoint["epoch"])
     tracker = _tracker(cfg, run, context or RunContext(), JOB_EVALUATE)
     try:
         metrics = evaluation(run.model, run.data, run.folder, tracker)
