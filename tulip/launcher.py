@@ -5,8 +5,8 @@ Hydra's basic launcher runs the jobs one after another in its own process; submi
 (``hydra/launcher=submitit_local``) starts every job at once as a fresh Python process. A fresh process
 pays a fixed start-up before its first step (Python, torch, ``torch._dynamo`` which torch.optim imports,
 pandas which dynamo imports, Hydra, W&B: about 5 CPU-seconds on a 2-core VM), and more jobs than cores
-only share the cores. Measured there, 4 one-epoch jobs took 1.30x as long through submitit_local as
-one after another. This launcher removes both costs:
+only share the cores. Measured there, 4 one-epoch jobs took 1.3-1.4x as long through submitit_local
+as one after another (`python -m tulip.bench sweep`). This launcher removes both costs (0.93x):
 
 - the jobs are forked from the sweep's process, after it has imported what every job imports
   (``preload``; the sweep imported torch and Tulip already), so a job starts in milliseconds with
