@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tulip.cpus import cpus_given
+from tulip.launcher import parallel_jobs
 
 ROOT = Path(__file__).resolve().parents[2]
 GRID = ["optim.lr=0.05,0.1", "seed=0,1"]  # 4 jobs of identical cost
@@ -104,7 +104,7 @@ def main(argv: list[str]) -> None:
         for round_ in range(args.rounds):  # launchers interleaved: each round compares them side by side
             basic_wall = None
             for name in names:
-                slots = {"slurm": slurm_slots, "local": cpus_given}.get(name, lambda: 1)()
+                slots = {"slurm": slurm_slots, "local": lambda: parallel_jobs("auto")}.get(name, lambda: 1)()
                 if slots is None:
                     if round_ == 0:
                         notes.append(f"{name}: skipped, no SLURM cluster answers (bash tests/slurm/start.sh; "
