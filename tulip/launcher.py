@@ -28,6 +28,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import time
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any, Sequence
@@ -111,8 +112,9 @@ class LocalLauncher(Launcher):
         except BaseException:
             # Interrupted. Ctrl-C in a terminal has sent SIGINT to the jobs too: give them time to write
             # their summaries (a second SIGINT could cut that short), then stop the others as Ctrl-C would.
+            deadline = time.monotonic() + INTERRUPT_GRACE_S  # one grace period for all of them, not one each
             for number, process in running.values():
-                process.join(timeout=INTERRUPT_GRACE_S)
+                process.join(timeout=max(0.0, deadline - time.monotonic()))
             for number, process in running.values():
                 if process.is_alive():
                     os.kill(process.pid, signal.SIGINT)
