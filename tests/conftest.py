@@ -78,14 +78,14 @@ BF16_CASES = [("cnn_small", r) for r in ("none", "lip", "gradnorm", "gradnorm_fd
 
 def objective_in_fp32_and_bf16(model_name: str, regularizer: str, device):
     """(StepOutput, weight gradient) of `regularizer=<regularizer>` on one batch of 64 digits, in float32
-    and under precision=bf16's autocast (tulip.step.autocast_for): same weights, batch and random draws,
+    and under precision=bf16's autocast (tulip.train.step.autocast_for): same weights, batch and random draws,
     each on its own copy of the model (a train-mode step updates BatchNorm's running statistics).
 
     TRADES' adversary is a chaotic function of the gradients' signs (bf16 changes half of its pixels and
     the KL by 7 %), so TRADES is given the float32 step's adversary: what is compared is its penalty."""
     from tulip.data import load_dataset
-    from tulip.objective import build_objective
-    from tulip.step import autocast_for
+    from tulip.train.objective import build_objective
+    from tulip.train.step import autocast_for
 
     cfg = compose_config(f"regularizer={regularizer}", f"model={model_name}", *SHRINK[model_name])
     data = load_dataset(cfg.dataset, torch.device("cpu"))
@@ -142,10 +142,10 @@ def exact_operator_norm(layer: torch.nn.Module, shape) -> float:
 def run_interrupted_in_second_epoch(cfg: DictConfig, run_dir: Path, monkeypatch) -> None:
     """Run `cfg` in `run_dir`, killed (KeyboardInterrupt) during epoch 2's measurements: the folder then
     holds epoch 1's checkpoint, as after a preemption."""
-    import tulip.train
+    import tulip.train.loop
     from tulip.main import run
 
-    real_measure, calls = tulip.train.measure, []
+    real_measure, calls = tulip.train.loop.measure, []
 
     def crash_on_second_epoch(*args, **kwargs):
         calls.append(1)
@@ -153,7 +153,7 @@ def run_interrupted_in_second_epoch(cfg: DictConfig, run_dir: Path, monkeypatch)
             raise KeyboardInterrupt("simulated preemption")
         return real_measure(*args, **kwargs)
 
-    monkeypatch.setattr(tulip.train, "measure", crash_on_second_epoch)
+    monkeypatch.setattr(tulip.train.loop, "measure", crash_on_second_epoch)
     with pytest.raises(KeyboardInterrupt):
         run(cfg, run_dir)
-    monkeypatch.setattr(tulip.train, "measure", real_measure)
+    monkeypatch.setattr(tulip.train.loop, "measure", real_measure)

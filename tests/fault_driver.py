@@ -24,8 +24,8 @@ sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1])]  # c
 
 import torch  # noqa: E402
 
-import tulip.run_folder  # noqa: E402
-import tulip.train  # noqa: E402
+import tulip.runs.folder  # noqa: E402
+import tulip.train.loop  # noqa: E402
 from conftest import compose_config  # noqa: E402
 from tulip.main import run  # noqa: E402
 
@@ -73,17 +73,17 @@ def main(run_dir: str, point: str, times: int) -> None:
     if point == "checkpoint_write":
         torch.save = at_the(times, half_a_checkpoint, real_save)
     elif point == "metrics_append":
-        tulip.run_folder.RunFolder.append_metrics = at_the(
-            times, half_a_line, tulip.run_folder.RunFolder.append_metrics)
+        tulip.runs.folder.RunFolder.append_metrics = at_the(
+            times, half_a_line, tulip.runs.folder.RunFolder.append_metrics)
     elif point == "measure":
-        tulip.train.measure = at_the(times, lambda *a, **k: die(), tulip.train.measure)
+        tulip.train.loop.measure = at_the(times, lambda *a, **k: die(), tulip.train.loop.measure)
     elif point == "evaluation":
-        real_write_csv = tulip.run_folder.RunFolder.write_csv
-        tulip.run_folder.RunFolder.write_csv = at_the(times, lambda *a, **k: die(), real_write_csv)
+        real_write_csv = tulip.runs.folder.RunFolder.write_csv
+        tulip.runs.folder.RunFolder.write_csv = at_the(times, lambda *a, **k: die(), real_write_csv)
     elif point == "summary_write":
         os.replace = summary_not_renamed
     elif point == "hold":
-        tulip.train.measure = at_the(1, lambda *a, **k: time.sleep(600), tulip.train.measure)
+        tulip.train.loop.measure = at_the(1, lambda *a, **k: time.sleep(600), tulip.train.loop.measure)
     elif point != "none":
         raise SystemExit(f"unknown POINT {point!r}")
     run(compose_config(*JOB), run_dir)

@@ -9,17 +9,17 @@ import torch.nn.functional as F
 from hydra.utils import get_method, instantiate
 from omegaconf import OmegaConf
 
-from tulip import attacks
-from tulip.attacks import attack_distances, perturbation_norms
-from tulip.metric_keys import NORMS
+from tulip.evaluate import attacks
+from tulip.evaluate.attacks import attack_distances, perturbation_norms
+from tulip.runs.metric_keys import NORMS
 from tulip.data import mnist5k
-from tulip.models import MLP
+from tulip.nn.models import MLP
 
 ATTACK_DIR = Path(__file__).resolve().parents[1] / "conf" / "attack"
 NOT_ATTACKS = {"none", "default"}
-# The Foolbox options: those built by tulip.attacks (the AutoAttack ones: tests/test_autoattack.py).
+# The Foolbox options: those built by tulip.evaluate.attacks (the AutoAttack ones: tests/test_autoattack.py).
 ATTACK_NAMES = sorted(p.stem for p in ATTACK_DIR.glob("*.yaml") if p.stem not in NOT_ATTACKS
-                      and str(OmegaConf.load(p).get("_target_", "")).startswith("tulip.attacks."))
+                      and str(OmegaConf.load(p).get("_target_", "")).startswith("tulip.evaluate.attacks."))
 # Small step counts: these tests check the plumbing, not attack strength.
 FAST = {"pgd_linf": {"steps": 10, "rel_stepsize": 0.2}, "pgd_l2": {"steps": 10, "rel_stepsize": 0.2},
         "ddn": {"steps": 20}, "cw_l2": {"binary_search_steps": 3, "steps": 20, "stepsize": 0.05},

@@ -9,14 +9,15 @@ from hydra.utils import get_method, instantiate
 from conftest import compose_config
 from test_attacks import ATTACK_DIR, ATTACK_NAMES, NOT_ATTACKS, attack_config
 from test_attacks import model_and_images  # noqa: F401 (the fixture: a trained MLP, 3 of 24 misclassified)
-from tulip import attacks, autoattack, metric_keys
-from tulip.attacks import perturbation_norms
+from tulip.evaluate import attacks, autoattack
+from tulip.runs import metric_keys
+from tulip.evaluate.attacks import perturbation_norms
 from tulip.config import ConfigError
 from tulip.data import mnist5k
-from tulip.evaluation import build_evaluation
+from tulip.evaluate.final import build_evaluation
 from tulip.main import run
-from tulip.metric_keys import NORMS
-from tulip.run_folder import RunFolder
+from tulip.runs.metric_keys import NORMS
+from tulip.runs.folder import RunFolder
 
 FACTORIES = ("apgd_ce", "apgd_t", "fab_t", "square")
 MEMBERS = [f"{factory}_{norm}" for factory in FACTORIES for norm in NORMS]

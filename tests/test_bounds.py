@@ -4,13 +4,13 @@ import math
 import pytest
 import torch
 
-from tulip import attacks, bounds
-from tulip.attacks import attack_distances
+from tulip.evaluate import attacks, bounds
+from tulip.evaluate.attacks import attack_distances
 from tulip.data import mnist5k
-from tulip.lipschitz import layer_norm_bound
-from tulip.models import MLP, CNNSmall
-from tulip.objective import Objective
-from tulip.train import train_one_epoch
+from tulip.nn.lipschitz import layer_norm_bound
+from tulip.nn.models import MLP, CNNSmall
+from tulip.train.objective import Objective
+from tulip.train.loop import train_one_epoch
 
 
 @pytest.fixture(scope="module")

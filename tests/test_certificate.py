@@ -5,14 +5,14 @@ import pytest
 import torch
 
 from conftest import SHRINK, build_model_option
-from tulip import attacks, bounds
-from tulip.attacks import attack_distances
+from tulip.evaluate import attacks, bounds
+from tulip.evaluate.attacks import attack_distances
 from tulip.data import mnist5k
-from tulip.evaluation import evaluate_bounds
-from tulip.lipschitz import last_layer, layer_norm_bound
-from tulip.models import MLP
-from tulip.objective import Objective
-from tulip.train import train_one_epoch
+from tulip.evaluate.final import evaluate_bounds
+from tulip.nn.lipschitz import last_layer, layer_norm_bound
+from tulip.nn.models import MLP
+from tulip.train.objective import Objective
+from tulip.train.loop import train_one_epoch
 
 
 def certified(model, x, y):

@@ -11,7 +11,7 @@ from conftest import CONF_DIR, compose_config
 from tulip.config import ConfigError
 from tulip.data import load_dataset
 from tulip.main import run
-from tulip.run_folder import build_model
+from tulip.runs.folder import build_model
 
 GROUPS = ("model", "dataset", "optim", "scheduler", "regularizer", "attack")
 

@@ -22,14 +22,14 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 from conftest import (BF16_CASES, SHRINK, build_model_option, compose_config, objective_in_fp32_and_bf16,  # noqa: E402
                       run_interrupted_in_second_epoch)
-from tulip import metric_keys  # noqa: E402
+from tulip.runs import metric_keys  # noqa: E402
 from tulip.data import load_dataset  # noqa: E402
-from tulip.lipschitz import layer_norm_bound  # noqa: E402
+from tulip.nn.lipschitz import layer_norm_bound  # noqa: E402
 from tulip.main import run  # noqa: E402
-from tulip.objective import build_objective  # noqa: E402
-from tulip.run_folder import load_run  # noqa: E402
-from tulip.step import prepare_step
-from tulip.train import train_one_epoch  # noqa: E402
+from tulip.train.objective import build_objective  # noqa: E402
+from tulip.runs.folder import load_run  # noqa: E402
+from tulip.train.step import prepare_step
+from tulip.train.loop import train_one_epoch  # noqa: E402
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

@@ -11,9 +11,9 @@ import torch
 from conftest import compose_config
 from tulip.config import ConfigError
 from tulip.data import load_dataset
-from tulip.evaluation import build_evaluation, evaluate_bounds
+from tulip.evaluate.final import build_evaluation, evaluate_bounds
 from tulip.main import run
-from tulip.run_folder import RunFolder, load_run
+from tulip.runs.folder import RunFolder, load_run
 
 L2_EPS = [0.5, 1.0, 2.0]
 LINF_EPS = [0.005, 0.02]  # FGSM fails at these on almost every image: failures must be +inf
@@ -143,7 +143,7 @@ def test_evaluate_mode_adds_attacks_to_an_existing_run(trained):
 def test_evaluating_an_unfinished_run_says_so(trained, tmp_path, caplog):
     """A run killed before its summary (say, during its final evaluation) can be evaluated, with a warning."""
     shutil.copytree(trained[0] / "checkpoints", tmp_path / "checkpoints")
-    with caplog.at_level(logging.WARNING, logger="tulip.modes"):
+    with caplog.at_level(logging.WARNING, logger="tulip.evaluate.modes"):
         metrics = run(compose_config("mode=evaluate", f"run_dir={tmp_path}", "attack=none", "attack.n=10"))
     written = json.loads((tmp_path / "summary.json").read_text())
     assert written["cert/median_l2"] == pytest.approx(metrics["cert/median_l2"]) and "status" not in written
@@ -175,8 +175,8 @@ def test_summary_mode_recomputes_the_original_statistics(trained, capsys):
 def test_second_order_estimate_for_a_smooth_model():
     """Linear layer + bounded tanh head: smooth, so the second-order estimate is reported; with the
     largest Hessian norm C > 0 it is below the image's own first-order radius (−ℓ)₊/‖∇ℓ‖."""
-    from tulip import bounds
-    from tulip.models import MLP
+    from tulip.evaluate import bounds
+    from tulip.nn.models import MLP
 
     torch.manual_seed(0)
     model = MLP(1, 10, 28, hidden=[], tanh=True).eval()
@@ -263,6 +263,6 @@ def test_bad_run_folders(tmp_path, trained):
 
 def test_default_attack_option_is_a_quick_ddn():
     cfg = compose_config("attack=default")
-    assert cfg.attack.n == 200 and cfg.attack.methods.ddn._target_ == "tulip.attacks.ddn"
+    assert cfg.attack.n == 200 and cfg.attack.methods.ddn._target_ == "tulip.evaluate.attacks.ddn"
     assert set(build_evaluation(cfg).attacks) == {"ddn"}
     assert build_evaluation(compose_config("attack=none")).attacks == {}

@@ -15,7 +15,7 @@ from hydra.core.config_store import ConfigStore
 
 from conftest import ROOT, compose_config
 from tulip.main import run
-from tulip.objective import Penalty, TrainingBatch, nonnegative
+from tulip.train.objective import Penalty, TrainingBatch, nonnegative
 
 
 class InputGradientL1Penalty(Penalty):

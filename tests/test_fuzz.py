@@ -31,10 +31,10 @@ from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
 from conftest import ROOT, SHRINK, compose_config
-import tulip.train
+import tulip.train.loop
 from tulip.config import LARGEST, MAX_EPOCHS, MAX_SEED, SMALLEST, ConfigError
 from tulip.main import run
-from tulip.objective import MAX_ITERATIONS
+from tulip.train.objective import MAX_ITERATIONS
 
 # Reproducible in CI: the same random examples on every run, and no example database in the tree.
 FUZZ = settings(max_examples=3, deadline=None, derandomize=True, database=None,
@@ -270,7 +270,7 @@ def check_outcome(key: str, value, named: str | None, extra: tuple[str, ...]) ->
 @pytest.mark.parametrize("key", list(KEYS))
 def test_a_value_starts_training_or_fails_early_naming_its_key(key, monkeypatch, mnist5k_parsed_once):
     spec = KEYS[key]
-    monkeypatch.setattr(tulip.train, "train_one_epoch", stop_at_first_epoch)
+    monkeypatch.setattr(tulip.train.loop, "train_one_epoch", stop_at_first_epoch)
 
     @FUZZ
     @given(case=spec.strategy)
@@ -308,7 +308,7 @@ def test_a_value_starts_training_or_fails_early_naming_its_key(key, monkeypatch,
     (["dataset.split_seed=nan"], "dataset.split_seed"),
 ])
 def test_values_that_got_past_the_checks_fail_early(overrides, key, tmp_path, monkeypatch, mnist5k_parsed_once):
-    monkeypatch.setattr(tulip.train, "train_one_epoch", stop_at_first_epoch)
+    monkeypatch.setattr(tulip.train.loop, "train_one_epoch", stop_at_first_epoch)
     with pytest.raises(ValueError) as error:
         run(compose_fast(*overrides), tmp_path)
     assert str(error.value).startswith(f"{key}="), str(error.value)

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from conftest import SHRINK, build_model_option, compose_config, dense_matrix, run_interrupted_in_second_epoch
-from tulip.gloro import LayerNorms, certifiable_layers
+from tulip.train.gloro import LayerNorms, certifiable_layers
 from tulip.main import run
-from tulip.objective import build_objective
+from tulip.train.objective import build_objective
 
 SMALL_4C3F = SHRINK["cnn_4c3f"]
 

@@ -1,5 +1,5 @@
 """The GPU training path's settings, checked on the CPU: `precision=bf16` (autocast), `channels_last` and
-`compile`. Each is decided once per run (tulip.step.prepare_step); the per-epoch measurements, the
+`compile`. Each is decided once per run (tulip.train.step.prepare_step); the per-epoch measurements, the
 checkpoints and the final evaluation stay float32 on the plain model. tests/test_cuda.py repeats the
 precision and compile checks on a GPU."""
 import copy
@@ -9,17 +9,17 @@ import logging
 import pytest
 import torch
 
-import tulip.train
+import tulip.train.loop
 from conftest import BF16_CASES, SHRINK, build_model_option, compose_config, objective_in_fp32_and_bf16
 from tulip.config import ConfigError
 from tulip.data import load_dataset
-from tulip.lipschitz import layer_norm_bound
+from tulip.nn.lipschitz import layer_norm_bound
 from tulip.main import run
-from tulip.objective import Objective, build_objective
-from tulip.run_folder import RunFolder, load_run
-from tulip.tracking import RunContext
-from tulip.step import prepare_step
-from tulip.train import train, train_one_epoch
+from tulip.train.objective import Objective, build_objective
+from tulip.runs.folder import RunFolder, load_run
+from tulip.runs.tracking import RunContext
+from tulip.train.step import prepare_step
+from tulip.train.loop import train, train_one_epoch
 
 CPU = torch.device("cpu")
 # bf16 keeps 8 significant bits (0.4 % rounding per value). Every loss and penalty of BF16_CASES agrees
@@ -32,7 +32,7 @@ ONE_STEP = ["dataset.train_subset=64", "eval.bounds=false"]
 
 
 def compile_records(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "tulip.train" and "compile" in r.getMessage()]
+    return [r.getMessage() for r in caplog.records if r.name == "tulip.train.loop" and "compile" in r.getMessage()]
 
 
 @pytest.fixture
@@ -81,8 +81,8 @@ def test_bf16_trains_under_autocast_and_measures_in_float32(tmp_path, monkeypatc
         return call
 
     monkeypatch.setattr(Objective, "__call__", recorded("step", Objective.__call__))
-    monkeypatch.setattr(tulip.train, "measure", recorded("measure", tulip.train.measure))
-    monkeypatch.setattr(tulip.train, "layer_norm_bound", recorded("bound", tulip.train.layer_norm_bound))
+    monkeypatch.setattr(tulip.train.loop, "measure", recorded("measure", tulip.train.loop.measure))
+    monkeypatch.setattr(tulip.train.loop, "layer_norm_bound", recorded("bound", tulip.train.loop.layer_norm_bound))
 
     def evaluate(model, data, folder, tracker):
         seen["evaluate"].append(torch.is_autocast_enabled("cpu"))
@@ -173,7 +173,7 @@ def test_compile_trains_the_step_eager_trains(tmp_path, caplog, compile_calls):
     """compile=true with a single-backprop objective: the step runs through torch.compile, its loss is the
     eager step's, and the checkpoint holds the plain model's state_dict. Where torch.compile cannot run
     (no C compiler), the run falls back to the eager model with one log line and still trains."""
-    caplog.set_level(logging.INFO, logger="tulip.train")
+    caplog.set_level(logging.INFO, logger="tulip.train.loop")
     eager = run(compose_config(*ONE_STEP), tmp_path / "eager")
     compiled = run(compose_config(*ONE_STEP, "compile=true"), tmp_path / "compiled")
     assert len(compile_calls) == 1
@@ -188,7 +188,7 @@ def test_compile_trains_the_step_eager_trains(tmp_path, caplog, compile_calls):
 
 
 def test_compile_falls_back_for_double_backprop(tmp_path, caplog, compile_calls):
-    caplog.set_level(logging.INFO, logger="tulip.train")
+    caplog.set_level(logging.INFO, logger="tulip.train.loop")
     metrics = run(compose_config(*ONE_STEP, "regularizer=lip", "compile=true"), tmp_path)
     assert compile_calls == []
     records = compile_records(caplog)
@@ -200,7 +200,7 @@ def test_compile_failure_falls_back_to_the_same_run(tmp_path, caplog, monkeypatc
     """torch.compile failing at the first call (as without a C compiler) leaves one log line and the run
     eager training gives, bit for bit: the probe step that found the failure changed no BatchNorm
     statistic, random generator or weight."""
-    caplog.set_level(logging.INFO, logger="tulip.train")
+    caplog.set_level(logging.INFO, logger="tulip.train.loop")
     two_steps = ["dataset.train_subset=128", "eval.bounds=false"]  # a moved generator changes the batches
     eager = run(compose_config(*two_steps), tmp_path / "eager")
 

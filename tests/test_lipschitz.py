@@ -7,9 +7,9 @@ from torch import nn
 
 from conftest import SHRINK, build_model_option, dense_matrix, exact_operator_norm, with_random_statistics
 
-from tulip.lipschitz import (conv_norm_bound, gram_norm_bound, last_layer, layer_norm_bound,
+from tulip.nn.lipschitz import (conv_norm_bound, gram_norm_bound, last_layer, layer_norm_bound,
                              layer_norm_estimate, matrix_norm_bound)
-from tulip.models import BranchMean, ConvBN, DenseBN, GlobalAvgPool
+from tulip.nn.models import BranchMean, ConvBN, DenseBN, GlobalAvgPool
 
 # At 9x9 and 12x12 inputs the bound was at most 1.24x the exact norm over strides 1/2, paddings 0/1/2,
 # groups 1/2 and kernels 1/3/4/5 (three seeds each); it is loosest when the output has few positions.

@@ -9,13 +9,13 @@ from torch import nn
 
 from conftest import (SHRINK, build_model_option, compose_config, dense_matrix, exact_operator_norm,
                       with_random_statistics)
-from tulip import metric_keys
+from tulip.runs import metric_keys
 from tulip.data import load_dataset
-from tulip.lipschitz import (POWER_SAFETY, conv_norm_estimate, layer_norm_bound, layer_norm_estimate)
+from tulip.nn.lipschitz import (POWER_SAFETY, conv_norm_estimate, layer_norm_bound, layer_norm_estimate)
 from tulip.main import run
-from tulip.measures import class_balanced_subset, measure, per_sample_loss_grad_norms
-from tulip.models import BranchMean, ConvBN, GlobalAvgPool, Residual
-from tulip.run_folder import RunFolder, build_model
+from tulip.evaluate.measures import class_balanced_subset, measure, per_sample_loss_grad_norms
+from tulip.nn.models import BranchMean, ConvBN, GlobalAvgPool, Residual
+from tulip.runs.folder import RunFolder, build_model
 
 
 def build(name, overrides=(), channels=1, size=28, classes=10):

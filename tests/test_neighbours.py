@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from tulip.neighbours import nearest_l2, nearest_linf, summarize
+from tulip.evaluate.neighbours import nearest_l2, nearest_linf, summarize
 
 
 def brute_force(test_x, test_y, train_x, train_y, p):

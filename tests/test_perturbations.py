@@ -1,4 +1,4 @@
-"""Perturbation directions and PGD loops (tulip.perturbations): norms, zero gradients, ball and box."""
+"""Perturbation directions and PGD loops (tulip.nn.perturbations): norms, zero gradients, ball and box."""
 import math
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tulip.perturbations import (frozen_eval, l2_direction, loss_input_grad, max_entry_direction,
+from tulip.nn.perturbations import (frozen_eval, l2_direction, loss_input_grad, max_entry_direction,
                                  pgd_l2, pgd_linf, sign_direction)
 
 

@@ -1,4 +1,4 @@
-"""Training objectives (tulip.regularizers) composed from the real Hydra config: exact penalties, limits,
+"""Training objectives (tulip.train.regularizers) composed from the real Hydra config: exact penalties, limits,
 eval-mode perturbations, bad input, and a short mnist5k behaviour check through tulip.main.run."""
 import copy
 import inspect
@@ -13,9 +13,9 @@ from hydra.utils import get_class
 from omegaconf import OmegaConf
 
 from conftest import CONF_DIR, SHRINK, compose_config as compose_run_config
-from tulip.objective import ArgumentError, build_objective
-from tulip.perturbations import frozen_eval, l2_direction, loss_input_grad, pgd_linf
-from tulip import regularizers
+from tulip.train.objective import ArgumentError, build_objective
+from tulip.nn.perturbations import frozen_eval, l2_direction, loss_input_grad, pgd_linf
+from tulip.train import regularizers
 
 OPTIONS = sorted(p.stem for p in (CONF_DIR / "regularizer").glob("*.yaml") if not p.stem.startswith("_"))
 

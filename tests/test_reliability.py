@@ -16,7 +16,7 @@ import torch
 from conftest import ROOT, compose_config
 from fault_driver import JOB
 from tulip.main import run
-from tulip.run_folder import RunFolder, RunFolderError
+from tulip.runs.folder import RunFolder, RunFolderError
 
 DRIVER = Path(__file__).parent / "fault_driver.py"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}

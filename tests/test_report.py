@@ -294,7 +294,7 @@ def test_robust_error_from_attacks_csv(multirun, tmp_path):
 def write_run(folder: Path, overrides: list[str], summary: dict, choices: dict | None = None,
               config: dict | None = None, epochs: list[dict] | None = None,
               hydra_overrides: list[str] | None = None) -> Path:
-    """A job folder as Hydra and tulip.train leave it: .hydra/{overrides,hydra,config}.yaml, summary.json
+    """A job folder as Hydra and tulip.train.loop leave it: .hydra/{overrides,hydra,config}.yaml, summary.json
     with its own record of the overrides, metrics.jsonl."""
     (folder / ".hydra").mkdir(parents=True)
     (folder / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(hydra_overrides or overrides))
@@ -336,7 +336,7 @@ def test_sweep_line_lists_the_values_of_every_input(tmp_path):
 
 
 def test_overrides_are_read_with_hydras_parser(tmp_path):
-    from tulip.callbacks import collect_jobs
+    from tulip.launch.callbacks import collect_jobs
     from tulip.report.runs import parse_overrides, read_run, read_sweep, sweep_text
 
     overrides = ["+reg.extra=1", "~wandb.tags", "attack.epsilons.l2=[0.5,1.0]", "name='a=b, c'",

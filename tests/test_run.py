@@ -11,7 +11,7 @@ import torch
 from conftest import ROOT, compose_config, run_interrupted_in_second_epoch
 from tulip.config import ConfigError
 from tulip.main import run
-from tulip.run_folder import build_model, load_run
+from tulip.runs.folder import build_model, load_run
 from tulip.seeding import set_rng_state
 from wandb_records import history, inspect_summary, run_file, run_record
 

@@ -24,8 +24,8 @@ from optuna.trial import TrialState
 from conftest import compose_config, compose_with_hydra
 from test_sweeps import RUN_PY, SWEEPS, TINY, job_folders, output_of, read_summary, run_tulip
 from tulip.config import ConfigError, objective_values, validate
-from tulip.cpus import cpus_given
-from tulip.sweeper import FRONT_FILE, distribution, search_space
+from tulip.launch.cpus import cpus_given
+from tulip.launch.sweeper import FRONT_FILE, distribution, search_space
 
 OBJECTIVES = ["test/error_pct", "attack/best/error_pct_l2@1"]
 # A trial: 1 epoch on 512 images, DDN (10 steps) on 50 test images for the robust error at L2 1.

@@ -1,6 +1,6 @@
 """Sweeps without SLURM: the shipped sweep files, the launcher configs, and real multiruns of run.py
 through Hydra's basic launcher, submitit_local and Tulip's local launcher (W&B offline runs grouped per
-sweep, a failing job that does not stop the others, the end-of-sweep report of tulip.callbacks, at most
+sweep, a failing job that does not stop the others, the end-of-sweep report of tulip.launch.callbacks, at most
 `array_parallelism` local jobs at once).
 
 The SLURM versions of these runs are in tests/test_slurm.py.
@@ -152,11 +152,11 @@ def test_slurm_gpu_launcher_keys_are_overridable():
 def test_config_enables_the_sweep_report_callback():
     cfg = compose_with_hydra()
     targets = [c._target_ for c in cfg.hydra.callbacks.values()]
-    assert "tulip.callbacks.SweepReport" in targets
+    assert "tulip.launch.callbacks.SweepReport" in targets
 
 
 def test_sweep_report_names_jobs_that_did_not_finish(tmp_path, capsys):
-    from tulip.callbacks import SweepReport
+    from tulip.launch.callbacks import SweepReport
     outcomes = {"0": {"status": "finished", "test/error_pct": 3.25}, "1": {"status": "diverged"},
                 "2": None, "3": {"status": "failed", "error": "ValueError: reg.lip=-1 must be >= 0"}}
     for job, summary in outcomes.items():
@@ -175,7 +175,7 @@ def test_sweep_report_names_jobs_that_did_not_finish(tmp_path, capsys):
 
 
 def test_sweep_report_of_a_sweep_that_started_no_job_says_so(tmp_path):
-    from tulip.callbacks import format_report
+    from tulip.launch.callbacks import format_report
     assert format_report(tmp_path, []) == f"Sweep {tmp_path}: no job started."
 
 
@@ -189,7 +189,7 @@ def test_two_job_sweep_gives_two_summaries_and_two_wandb_runs_in_one_group(tmp_p
     if launcher == "submitit_local":
         args.append("hydra/launcher=submitit_local")
     # Up to 4 threads if the machine has the cores; submitit_local runs both jobs at once, so each
-    # takes half of them (tulip.callbacks.ShareCpus), the basic launcher one job at a time.
+    # takes half of them (tulip.launch.callbacks.ShareCpus), the basic launcher one job at a time.
     given = min(len(os.sched_getaffinity(0)), 4)
     threads = max(1, given // 2) if launcher == "submitit_local" else given
     result = run_tulip(args, cwd=tmp_path, timeout=240, env={"OMP_NUM_THREADS": "4"})
@@ -214,7 +214,7 @@ def test_two_job_sweep_gives_two_summaries_and_two_wandb_runs_in_one_group(tmp_p
         groups.add(run.get("group"))
     (group,) = groups  # one W&B group: this sweep
     assert group and tmp_path.name in group, group
-    assert "All jobs finished." in result.stdout  # tulip.callbacks.SweepReport
+    assert "All jobs finished." in result.stdout  # tulip.launch.callbacks.SweepReport
     if launcher == "submitit_local":
         assert list((sweep_dir / ".submitit").glob("*/*_result.pkl"))  # really went through submitit
 

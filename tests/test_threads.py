@@ -1,14 +1,14 @@
-"""The CPU threads a job computes with (tulip.cpus) and how a sweep's local launcher shares the cores
-(tulip.callbacks.ShareCpus). The real multiruns that check the thread count each job used are in
+"""The CPU threads a job computes with (tulip.launch.cpus) and how a sweep's local launcher shares the cores
+(tulip.launch.callbacks.ShareCpus). The real multiruns that check the thread count each job used are in
 tests/test_sweeps.py."""
 import os
 
 import pytest
 
 from conftest import ROOT, compose_with_hydra
-from tulip.callbacks import ShareCpus, largest_batch
-from tulip.cpus import JOBS_AT_ONCE, cpus_given, threads_for_job
-from tulip.launcher import parallel_jobs
+from tulip.launch.callbacks import ShareCpus, largest_batch
+from tulip.launch.cpus import JOBS_AT_ONCE, cpus_given, threads_for_job
+from tulip.launch.launcher import parallel_jobs
 
 AFFINITY = len(os.sched_getaffinity(0))
 

@@ -19,8 +19,8 @@ import wandb
 
 from conftest import ROOT, TINY, compose_config
 from tulip.main import run
-from tulip.run_folder import RunFolder
-from tulip.tracking import RunContext, Tracker
+from tulip.runs.folder import RunFolder
+from tulip.runs.tracking import RunContext, Tracker
 from wandb_records import history, records, run_file
 
 # A few seconds per run: no bounds, a small MLP, fewer images.
@@ -84,7 +84,7 @@ def unreachable(request, monkeypatch):
 
 def tracker_warnings(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records
-            if r.name == "tulip.tracking" and r.levelno == logging.WARNING]
+            if r.name == "tulip.runs.tracking" and r.levelno == logging.WARNING]
 
 
 def assert_finished_with_metrics(run_dir: Path, metrics: dict) -> None:

@@ -18,8 +18,8 @@ from omegaconf import OmegaConf
 
 from conftest import ROOT, compose_config
 from tulip.main import hydra_context, run
-from tulip.run_folder import RunFolder
-from tulip.tracking import Tracker
+from tulip.runs.folder import RunFolder
+from tulip.runs.tracking import Tracker
 from wandb_records import records
 
 
@@ -98,7 +98,7 @@ def test_mode_run_joins_the_training_runs_group_and_links_to_it(job, job_type, k
     assert mode["config"]["training_run_path"] == summary["wandb/run_path"]
     assert mode["config"]["run_dir"] == str(run_dir)
     # Filed with its training run: the trained model's config and group choices, not the command's defaults.
-    assert mode["config"]["model"]["_target_"] == training["config"]["model"]["_target_"] == "tulip.models.MLP"
+    assert mode["config"]["model"]["_target_"] == training["config"]["model"]["_target_"] == "tulip.nn.models.MLP"
     assert "model=mlp" in mode["run"].tags and mode["config"]["choices"]["model"] == "mlp"
     assert mode["summary"][key] == pytest.approx(summary[key])  # the mode's metric, as in summary.json
     # summary.json still names the training run: the modes' runs link to it, they do not replace it
@@ -158,5 +158,5 @@ def test_disabled_wandb_creates_no_run_and_a_failing_one_does_not_fail_the_mode(
     monkeypatch.setattr(wandb, "init", failing_init)
     metrics = run(compose_config("mode=summary", f"run_dir={tmp_path}", OFFLINE))
     assert metrics["summary/test/error_pct"] == summary["summary/test/error_pct"]
-    (warning,) = [r.getMessage() for r in caplog.records if r.name == "tulip.tracking" and r.levelno == logging.WARNING]
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "tulip.runs.tracking" and r.levelno == logging.WARNING]
     assert "simulated W&B failure at init" in warning

@@ -12,7 +12,7 @@ import math
 import torch
 from omegaconf import DictConfig, ListConfig
 
-from tulip.metric_keys import BEST_ATTACK, canonical, is_scalar_key, parse_robust_error
+from tulip.runs.metric_keys import BEST_ATTACK, canonical, is_scalar_key, parse_robust_error
 
 MODES = ("train", "evaluate", "summary")
 DEVICES = ("auto", "cpu", "cuda")
@@ -122,7 +122,7 @@ def validate_objectives(cfg: DictConfig) -> None:
     objectives = cfg.get("objectives")
     _require(isinstance(objectives, ListConfig) and len(objectives) >= 1
              and all(isinstance(o, str) and is_scalar_key(o) for o in objectives), "objectives", objectives,
-             "a list of metric keys, e.g. [test/error_pct,attack/best/error_pct_l2@1] (see tulip/metric_keys.py)")
+             "a list of metric keys, e.g. [test/error_pct,attack/best/error_pct_l2@1] (see tulip/runs/metric_keys.py)")
     for name in objectives:
         key = parse_robust_error(name)
         if key is None:

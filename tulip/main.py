@@ -13,12 +13,12 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from tulip.config import validate
-from tulip.cpus import cpus_given, jobs_at_once, use_threads
-from tulip.evaluation import build_evaluation
-from tulip.modes import evaluate_run, summarize_run
-from tulip.run_folder import RunFolder, RunFolderError
-from tulip.tracking import RunContext
-from tulip.train import train
+from tulip.launch.cpus import cpus_given, jobs_at_once, use_threads
+from tulip.evaluate.final import build_evaluation
+from tulip.evaluate.modes import evaluate_run, summarize_run
+from tulip.runs.folder import RunFolder, RunFolderError
+from tulip.runs.tracking import RunContext
+from tulip.train.loop import train
 
 log = logging.getLogger(__name__)
 

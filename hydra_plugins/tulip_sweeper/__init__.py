@@ -1,6 +1,6 @@
 """Where Hydra finds Tulip's Optuna sweeper: Hydra loads plugins only from the `hydra_plugins`
-namespace package, by the module their class is defined in. The sweeper itself is tulip.sweeper."""
-from tulip.sweeper import OptunaSweeper as _OptunaSweeper
+namespace package, by the module their class is defined in. The sweeper itself is tulip.launch.sweeper."""
+from tulip.launch.sweeper import OptunaSweeper as _OptunaSweeper
 
 
 class OptunaSweeper(_OptunaSweeper):

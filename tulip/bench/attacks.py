@@ -1,7 +1,7 @@
 """``python -m tulip.bench attacks``: one Foolbox attack on the same images, batched vs one image per call.
 
 The original evaluated Foolbox 1.x attacks one image at a time; Tulip hands Foolbox 3 whole batches
-(tulip.attacks.attack_distances). This benchmark trains tulip.models.CNNSmall for one epoch on mnist5k
+(tulip.evaluate.attacks.attack_distances). This benchmark trains tulip.nn.models.CNNSmall for one epoch on mnist5k
 (seeded), then runs the same attack (default: DDN, 50 steps) on the same ``--n`` test images both
 ways, interleaved over ``--rounds`` rounds (medians), and compares the median L2 distances found.
 ``--device cuda`` measures the GPU.
@@ -20,11 +20,11 @@ import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 
-from tulip import attacks
+from tulip.evaluate import attacks
 from tulip.data import mnist5k
-from tulip.evaluation import build_evaluation, error_curve
-from tulip.metric_keys import NORMS
-from tulip.models import CNNSmall
+from tulip.evaluate.final import build_evaluation, error_curve
+from tulip.runs.metric_keys import NORMS
+from tulip.nn.models import CNNSmall
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 

@@ -18,10 +18,10 @@ from hydra import compose, initialize_config_dir
 
 from tulip.bench.attacks import cpu_name
 from tulip.data import load_dataset
-from tulip.measures import class_balanced_subset, measure
-from tulip.objective import build_objective
-from tulip.run_folder import build_model
-from tulip.train import train_one_epoch
+from tulip.evaluate.measures import class_balanced_subset, measure
+from tulip.train.objective import build_objective
+from tulip.runs.folder import build_model
+from tulip.train.loop import train_one_epoch
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 

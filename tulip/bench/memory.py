@@ -3,7 +3,7 @@
 For each ``conf/regularizer`` option (default: every option the regularizers benchmark times;
 ``--options`` to choose), in one process, on one model built from the real config (``--model``,
 default cnn_small) and one batch of the real mnist5k training set (``--batch-size``, default 128):
-the peak memory of one training step as ``tulip.train.train_one_epoch`` takes it — the objective's
+the peak memory of one training step as ``tulip.train.loop.train_one_epoch`` takes it — the objective's
 forward pass, ``zero_grad``, the backward pass into the weights and the optimizer step (``conf/optim``'s
 default) — above what persists between steps (weights, their gradients, the optimizer's state, the
 batch), and its ratio to the plain step's (``regularizer=none``). Each option's first step is an
@@ -52,8 +52,8 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from tulip.bench.attacks import cpu_name
 from tulip.bench.regularizers import CONF, options
 from tulip.data import load_dataset
-from tulip.objective import build_objective
-from tulip.run_folder import build_model
+from tulip.train.objective import build_objective
+from tulip.runs.folder import build_model
 
 MEASURED = "tulip.bench.memory: measured step"  # the record_function mark of the measured CPU step
 MiB = 2 ** 20
@@ -108,7 +108,7 @@ def measure(names: list[str], model_name: str = "cnn_small", batch_size: int = 1
     data = load_dataset(cfg.dataset, device)
     torch.manual_seed(0)
     model = build_model(cfg, data, device).train()
-    optimizer = instantiate(cfg.optim)(model.parameters())  # a partial, as tulip.train builds it
+    optimizer = instantiate(cfg.optim)(model.parameters())  # a partial, as tulip.train.loop builds it
     weights = [p for p in model.parameters() if p.requires_grad]
     idx = torch.randperm(len(data.train_y))[:batch_size].to(device)
     x, y = data.augment(data.train_x[idx]), data.train_y[idx]

@@ -2,7 +2,7 @@
 
 Problem: 1,000 test × 5,000 train images of 3,072 values (CIFAR-sized), uniform in [0, 1], 10 classes.
 
-- Tulip (tulip.neighbours.nearest_l2): chunked ‖a‖² + ‖b‖² − 2·a·b with an exact re-check of the
+- Tulip (tulip.evaluate.neighbours.nearest_l2): chunked ‖a‖² + ‖b‖² − 2·a·b with an exact re-check of the
   candidates, on the whole problem.
 - The original (``nnattack``): blocks of test × train images whose differences are materialised as a
   (test × train × N) tensor, then normed. A 500 × 500 block of 3,072 values is 3 GB, so it is timed on
@@ -11,7 +11,7 @@ Problem: 1,000 test × 5,000 train images of 3,072 values (CIFAR-sized), uniform
 
 Timings are interleaved over ``--rounds`` rounds (medians), so load from other processes hits both
 alike. Distances are compared on the subset: the largest relative difference between the two methods.
-L∞ (tulip.neighbours.nearest_linf) is timed once for reference.
+L∞ (tulip.evaluate.neighbours.nearest_linf) is timed once for reference.
 """
 import argparse
 import math
@@ -21,7 +21,7 @@ import time
 import torch
 
 from tulip.bench.attacks import cpu_name
-from tulip.neighbours import nearest_l2, nearest_linf
+from tulip.evaluate.neighbours import nearest_l2, nearest_linf
 
 
 def original_broadcast(test_x, test_y, train_x, train_y) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """``python -m tulip.bench regularizers``: the cost of every regularizer, Tulip vs a hand-written loop.
 
-In one process, on one model (``--model``, default cnn_small: tulip.models.CNNSmall) and one batch
+In one process, on one model (``--model``, default cnn_small: tulip.nn.models.CNNSmall) and one batch
 (default 128) of MNIST-shaped random images (``--shape 3,32,32``: CIFAR-shaped), times a full training
 step (forward + backward + SGD step) for every ``conf/regularizer`` option — the Tulip objective
 composed from the real Hydra config — and for the same math written as a minimal hand-written loop with
@@ -28,8 +28,8 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from tulip.config import PRECISIONS
-from tulip.objective import build_objective
-from tulip.step import autocast_for
+from tulip.train.objective import build_objective
+from tulip.train.step import autocast_for
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 # Targets for the ratio to a plain step; PGD's is k + 1.2 for k steps.

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from tulip import metric_keys
+from tulip.runs import metric_keys
 from tulip.bench.attacks import cpu_name
 
 ROOT = Path(__file__).resolve().parents[2]

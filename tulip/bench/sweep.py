@@ -13,7 +13,7 @@ each job's summary.json:
   scheduling ("launch"), and the job's own data loading, model building and W&B start ("setup":
   `time/job_start` to `time/first_step`).
 
-Each job's thread count (tulip.cpus: its share of the cores) is in its summary.json; the `x basic`
+Each job's thread count (tulip.launch.cpus: its share of the cores) is in its summary.json; the `x basic`
 column compares each launcher's sweep wall time with the basic launcher's one job after another, in the
 same round (`--rounds N` runs every launcher N times, interleaved, and prints medians).
 Speed is never asserted here; the goal is <= 10 s overhead per job.
@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tulip.launcher import parallel_jobs
+from tulip.launch.launcher import parallel_jobs
 
 ROOT = Path(__file__).resolve().parents[2]
 GRID = ["optim.lr=0.05,0.1", "seed=0,1"]  # 4 jobs of identical cost

@@ -23,7 +23,7 @@ from matplotlib.lines import Line2D
 import numpy as np
 import pandas as pd
 
-from tulip import metric_keys
+from tulip.runs import metric_keys
 from tulip.report.plots import AXIS_LABELS, new_figure, norm_label, panel_title, save, spread
 from tulip.report.style import series_style, styled
 from tulip.report.tables import fmt, fmt_csv, fmt_stats, markdown_table, stats

@@ -24,7 +24,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from tulip import metric_keys  # noqa: E402
+from tulip.runs import metric_keys  # noqa: E402
 from tulip.report.style import (DPI, LEGEND_ENTRY, MAX_COLUMNS, ROW_HEIGHT, WIDTH,  # noqa: E402
                                  row_styles, series_style, styled)
 from tulip.report.tables import as_float, fmt, stats  # noqa: E402

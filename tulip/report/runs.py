@@ -1,9 +1,9 @@
 """Finding and reading the run folders of a sweep: overrides, Hydra's record, summary.json, metrics.jsonl
 and, for a summary without robust-error curves, the per-image distances of attacks.csv and bounds.csv.
 
-This is the one reader of a job folder: tulip.callbacks.collect_jobs (the end-of-sweep table) reads the
+This is the one reader of a job folder: tulip.launch.callbacks.collect_jobs (the end-of-sweep table) reads the
 same files through `job_folders`, `read_summary` and `read_overrides`, so both see the same overrides.
-It imports nothing from tulip.callbacks, which imports it.
+It imports nothing from tulip.launch.callbacks, which imports it.
 """
 import csv
 import re
@@ -16,8 +16,9 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from hydra.errors import HydraException
 
-from tulip import metric_keys
-from tulip.run_folder import RunFolder, RunFolderError
+from tulip.runs import metric_keys
+from tulip.runs.targets import upgrade_targets
+from tulip.runs.folder import RunFolder, RunFolderError
 
 # Per-image columns of attacks.csv and bounds.csv that are not distances of an attack or certificate:
 # the image itself, the first/second-order estimates (lower-bound guesses, not attacks) and the global
@@ -173,7 +174,7 @@ def read_run(path: Path) -> Run:
     folder = RunFolder(path)
     summary, problem = read_summary(path)
     choices = lookup(read_yaml(path / ".hydra" / "hydra.yaml") or {}, "hydra.runtime.choices") or {}
-    config = read_yaml(path / ".hydra" / "config.yaml") or {}
+    config = upgrade_targets(read_yaml(path / ".hydra" / "config.yaml") or {})
     overrides = parse_overrides(read_overrides(path, summary))
     status = "unreadable" if problem else str(summary.get("status", "unknown"))
     return Run(path, overrides, choices, config, status, summary, folder.read_metrics(), problem)

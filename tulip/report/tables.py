@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tulip import metric_keys
+from tulip.runs import metric_keys
 from tulip.report.runs import Run, normalise
 
 STATUSES = ("finished", "failed", "diverged", "unreadable")

@@ -26,9 +26,9 @@ import foolbox
 import torch
 from tqdm import tqdm
 
-from tulip.metric_keys import NORMS
-from tulip.objective import boolean, nonnegative, positive, positive_int
-from tulip.perturbations import frozen_eval
+from tulip.runs.metric_keys import NORMS
+from tulip.train.objective import boolean, nonnegative, positive, positive_int
+from tulip.nn.perturbations import frozen_eval
 
 
 def perturbation_norms(delta: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -96,7 +96,7 @@ def attack_distances(attack: Attack, model: torch.nn.Module, x: torch.Tensor, y:
     distances = {norm: torch.zeros(len(x)) for norm in NORMS}
     with frozen_eval(model):  # eval mode: BatchNorm statistics must not couple the images of a batch
         fmodel = foolbox.PyTorchModel(model, bounds=(0.0, 1.0), device=device)
-        # A bar on a terminal only (as in training); a log gets tulip.evaluation's line per attack.
+        # A bar on a terminal only (as in training); a log gets tulip.evaluate.final's line per attack.
         batches = tqdm(range(0, len(x), batch_size), desc=type(attack.foolbox_attack).__name__,
                        leave=False, disable=not sys.stderr.isatty())
         for start in batches:

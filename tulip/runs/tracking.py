@@ -1,6 +1,6 @@
 """The Weights & Biases run of a job: a mirror of the run folder's files, for comparing runs.
 
-The files (metrics.jsonl, summary.json: tulip.run_folder) are the record of truth. W&B is offline by
+The files (metrics.jsonl, summary.json: tulip.runs.folder) are the record of truth. W&B is offline by
 default (no account, no network); `wandb.mode=disabled` starts no run and does not even import wandb
 (0.4 s of each job's start-up), every call below then being a no-op. W&B never fails a job: an
 online run that cannot reach its server within `wandb.init_timeout_s` becomes an offline run, and
@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 from omegaconf import DictConfig, OmegaConf
 
-from tulip import metric_keys
-from tulip.run_folder import RunFolder, finite_or_none
+from tulip.runs import metric_keys
+from tulip.runs.folder import RunFolder, finite_or_none
 
 log = logging.getLogger(__name__)
 

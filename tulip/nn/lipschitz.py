@@ -4,7 +4,7 @@
 eval mode): the product over the model's blocks of guaranteed bounds on each layer's operator norm.
 ``layer_norm_estimate(model)`` is the same product with cheaper per-layer *estimates* (power iteration),
 kept for comparison. ``last_layer(model)`` splits a model into a feature map and its last linear layer,
-for the pairwise certificate of tulip.bounds (Leino, Wang & Fredrikson, ICML 2021, arXiv 2102.08452).
+for the pairwise certificate of tulip.evaluate.bounds (Leino, Wang & Fredrikson, ICML 2021, arXiv 2102.08452).
 
 Convolutions (Delattre, Barthélemy, Araujo & Allauzen, ICML 2023, arXiv 2305.16173, and arXiv
 2402.00240 for zero padding), for the real strided, zero-padded layer x -> conv2d(x, w, s, p) on (C, H, W):
@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tulip.models import (BoundedHead, BranchMean, ConvBN, DenseBN, GlobalAvgPool, Nonlinearity, Residual,
+from tulip.nn.models import (BoundedHead, BranchMean, ConvBN, DenseBN, GlobalAvgPool, Nonlinearity, Residual,
                           ScaledTanh)
 
 POWER_ITERATIONS = 100
@@ -223,7 +223,7 @@ def _product(model: nn.Module, input_shape, norms: LayerNorms) -> float:
 @singledispatch
 def _lipschitz(module: nn.Module, shape, norms: LayerNorms):
     raise TypeError(f"the layer-norm product has no rule for {type(module).__name__}; build models from "
-                    "the blocks in tulip.models")
+                    "the blocks in tulip.nn.models")
 
 
 @_lipschitz.register

@@ -10,7 +10,7 @@ operator norms. Three design rules make that clean for every model here:
   linearized network is one well-defined affine map x -> M x + b;
 * every model is a ``Classifier``: an ``nn.Sequential`` of a few known block types (``ConvBN``,
   ``DenseBN``, ``Residual``, ``BranchMean``, ``GlobalAvgPool``, ``nn.AvgPool2d``, ``nn.Flatten``,
-  ``nn.Linear``, the bounded head), which ``tulip.lipschitz.layer_norm_bound`` walks to bound the
+  ``nn.Linear``, the bounded head), which ``tulip.nn.lipschitz.layer_norm_bound`` walks to bound the
   Lipschitz constant.
 
 Every constructor has the signature ``(in_channels, num_classes, image_size, tanh=False, **hyper)``

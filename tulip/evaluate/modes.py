@@ -1,13 +1,13 @@
 """``mode=evaluate`` and ``mode=summary``: work on an existing run folder's best checkpoint.
 
 - ``python run.py mode=evaluate run_dir=<path> 'attack=[ddn,pgd_l2]' eval.nn=true``: the final evaluation
-  (tulip.evaluation) with this command line's attack and eval settings. Its results replace the run's
+  (tulip.evaluate.final) with this command line's attack and eval settings. Its results replace the run's
   earlier keys of the families it recomputes (``attack/*``, ``bounds/*`` with ``cert/*``, ``nn/*``) in summary.json, and
   their csv files.
 - ``python run.py mode=summary run_dir=<path>``: what the original ``summary.py`` reported, recomputed on
   the best checkpoint and the whole test set, merged into summary.json as ``summary/*`` and printed.
 
-Each logs a W&B run of its own (job type ``evaluate`` / ``summary``, tulip.tracking) in the training
+Each logs a W&B run of its own (job type ``evaluate`` / ``summary``, tulip.runs.tracking) in the training
 run's group: the evaluation's curves, its per-image table and the mode's metrics as its summary.
 """
 import logging
@@ -17,15 +17,15 @@ import torch
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from tulip import metric_keys
+from tulip.runs import metric_keys
 from tulip.config import ConfigError, resolve_device
-from tulip.evaluation import Evaluation
-from tulip.measures import measure
-from tulip.perturbations import frozen_eval
-from tulip.run_folder import LoadedRun, RunFolder, load_run
+from tulip.evaluate.final import Evaluation
+from tulip.evaluate.measures import measure
+from tulip.nn.perturbations import frozen_eval
+from tulip.runs.folder import LoadedRun, RunFolder, load_run
 from tulip.seeding import seed_everything
-from tulip.tracking import JOB_EVALUATE, JOB_SUMMARY, RunContext, Tracker
-from tulip.train import NOT_TRAINING_STATE
+from tulip.runs.tracking import JOB_EVALUATE, JOB_SUMMARY, RunContext, Tracker
+from tulip.train.loop import NOT_TRAINING_STATE
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def evaluate_run(cfg: DictConfig, evaluation: Evaluation, context: RunContext | 
 
 def summary_statistics(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
                        batch_size: int) -> dict[str, float]:
-    """The original ``summary.py``'s statistics with Tulip's per-sample definitions: tulip.measures.measure,
+    """The original ``summary.py``'s statistics with Tulip's per-sample definitions: tulip.evaluate.measures.measure,
     plus the minimum confidence p₁ − p₂ over correctly classified images, the heuristic adversarial
     distance lower bound confidence / (2·weights/product_2inf) (not a certificate) and ‖w‖₂ over the
     weight tensors (conv/linear weights, not biases or BatchNorm)."""

@@ -1,4 +1,4 @@
-"""The built-in parts of Tulip's training objectives (see tulip.objective for how they compose).
+"""The built-in parts of Tulip's training objectives (see tulip.train.objective for how they compose).
 
 Batch choices (``reg.batches``): the one-step perturbations x + ε·v(g) of J1, J2, Jinf (Finlay, Oberman &
 Abbasi 2018, arXiv 1810.00953), an L∞/L2 PGD batch (Madry et al. 2018), and the clean batch with TRADES'
@@ -26,9 +26,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from tulip.objective import (ArgumentError, BatchChoice, Model, Penalty, TrainingBatch, boolean, nonnegative,
+from tulip.train.objective import (ArgumentError, BatchChoice, Model, Penalty, TrainingBatch, boolean, nonnegative,
                              norm_order, positive, positive_int)
-from tulip.perturbations import (frozen_eval, l2_direction, loss_input_grad, max_entry_direction, pgd_l2,
+from tulip.nn.perturbations import (frozen_eval, l2_direction, loss_input_grad, max_entry_direction, pgd_l2,
                                  pgd_linf, sign_direction)
 
 # A direction's norm order -> the unit step of that norm's steepest ascent for a gradient g.

@@ -13,7 +13,7 @@ as one after another (`python -m tulip.bench sweep`). This launcher removes both
   everything loaded, yet in a process of its own: its threads, W&B run, memory and crashes stay its own;
 - at most ``array_parallelism`` jobs run at once (the name of the SLURM launcher's cap; ``auto``: one per
   CPU this process was given), the next starting as soon as one ends, and each computes with its share
-  of the CPUs (tulip.cpus, tulip.callbacks.ShareCpus).
+  of the CPUs (tulip.launch.cpus, tulip.launch.callbacks.ShareCpus).
 
 A job that raised returns normally (Hydra records the error in its result, and the sweep's report names
 it). A job process that ends without a result (killed) does not stop the ones after it: its error is
@@ -46,7 +46,7 @@ def parallel_jobs(array_parallelism: Any) -> int:
     """How many jobs run at once: `array_parallelism` (a positive integer), or one per CPU given for
     "auto"/None. A bad value raises ValueError naming the key."""
     if array_parallelism in (None, "auto"):
-        from tulip.cpus import cpus_given  # imports torch: only when a sweep runs
+        from tulip.launch.cpus import cpus_given  # imports torch: only when a sweep runs
         return cpus_given()
     if isinstance(array_parallelism, bool) or not isinstance(array_parallelism, int) or array_parallelism < 1:
         raise ValueError(f"hydra.launcher.array_parallelism must be a positive integer or auto, "

@@ -3,7 +3,7 @@
     <run folder>/
         checkpoints/last.pt   the latest epoch: weights, optimizer, scheduler, RNG states, config, history
         checkpoints/best.pt   the epoch with the lowest test error (same contents)
-        metrics.jsonl         one JSON object per completed epoch (tulip.metric_keys)
+        metrics.jsonl         one JSON object per completed epoch (tulip.runs.metric_keys)
         summary.json          the run's record: status, final and best metrics, evaluation results
         attacks.csv           per-image adversarial distances of the final evaluation
         bounds.csv            per-image lower bounds and certified radii
@@ -38,6 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from tulip.config import ConfigError
 from tulip.data import Data, load_dataset
+from tulip.runs.targets import upgrade_targets
 
 log = logging.getLogger(__name__)
 
@@ -181,10 +182,13 @@ class RunFolder:
             damaged = zipfile.ZipFile(path).testzip()
             if damaged is not None:
                 raise ValueError(f"its record {damaged} fails its CRC check: the file is corrupted")
-            return torch.load(path, map_location=device, weights_only=True)
+            state = torch.load(path, map_location=device, weights_only=True)
         except Exception as error:  # truncated, corrupted, or a pickle that would run code
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise RunFolderError(f"cannot read checkpoint {path} ({reason}); it was left as it is") from error
+        if isinstance(state.get("config"), dict):
+            state["config"] = upgrade_targets(state["config"])
+        return state
 
     # --- metrics.jsonl ------------------------------------------------------------------------------
 
@@ -217,7 +221,7 @@ class RunFolder:
 
         Its keys: ``status`` (finished | failed | diverged), ``epoch`` (epochs completed), ``overrides``
         (the job's command line), ``error`` (why it failed or diverged), ``time/*`` and metric keys
-        (tulip.metric_keys). Training writes the whole file (``merge=False``); mode=evaluate and
+        (tulip.runs.metric_keys). Training writes the whole file (``merge=False``); mode=evaluate and
         mode=summary merge into it (``merge=True``), first dropping the keys under ``drop_prefixes`` so
         a re-evaluation leaves no stale results. Non-finite floats are written as null.
         """

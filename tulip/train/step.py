@@ -1,7 +1,7 @@
 """How the training step runs on its device: precision, memory layout, compilation.
 
 `prepare_step` decides all three once per run, from `precision`, `channels_last` and `compile`, and
-hands tulip.train a StepSetup: the model the objective calls, the context around each step's
+hands tulip.train.loop a StepSetup: the model the objective calls, the context around each step's
 objective and the memory format of each batch. The step loop itself then tests none of them.
 """
 import contextlib
@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from tulip.data import Data
 from tulip.seeding import rng_state, set_rng_state
 
-log = logging.getLogger("tulip.train")  # its lines belong to the training run's log
+log = logging.getLogger("tulip.train.loop")  # its lines belong to the training run's log
 
 
 def autocast_for(precision: str, device: torch.device) -> Callable[[], ContextManager]:

@@ -68,7 +68,7 @@ BOUNDS_TIME = "time/bounds_s"  # the lower bounds and the certificate
 NN_TIME = "time/nn_s"
 BEST_TEST_ERROR = "best/test_error_pct"
 BEST_EPOCH = "best/epoch"
-# The training job's W&B run (tulip.tracking.Tracker.identity), in summary.json.
+# The training job's W&B run (tulip.runs.tracking.Tracker.identity), in summary.json.
 WANDB_PREFIX = "wandb/"
 WANDB_RUN_ID = "wandb/run_id"
 WANDB_RUN_PATH = "wandb/run_path"  # entity/project/id (an offline run: project/id)

@@ -1,7 +1,7 @@
 """Tulip's Hydra callbacks, enabled in conf/config.yaml (`hydra.callbacks`):
 
 - `ShareCpus`: before a multirun's jobs start, tells them how many of them a local launcher runs at
-  once, so that each takes its share of the cores (tulip.cpus).
+  once, so that each takes its share of the cores (tulip.launch.cpus).
 - `SweepReport`: ends every multirun with one line per job: did it finish, fail or diverge?
 
 Each job of a sweep writes `summary.json` (with `status` finished | failed | diverged) into its own folder
@@ -17,9 +17,9 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from tulip.cpus import JOBS_AT_ONCE, cpus_given
-from tulip.launcher import parallel_jobs
-from tulip.metric_keys import TEST_ERROR
+from tulip.launch.cpus import JOBS_AT_ONCE, cpus_given
+from tulip.launch.launcher import parallel_jobs
+from tulip.runs.metric_keys import TEST_ERROR
 from tulip.report.runs import NO_SUMMARY, job_folders, read_overrides, read_summary
 
 

@@ -2,9 +2,9 @@
 
 Read top to bottom: `train` builds the data, model, objective, optimizer and schedule, resumes from
 `checkpoints/last.pt` when the folder holds one, decides once how the step runs on the device
-(tulip.step: precision, channels_last, compile), then loops over epochs. Each epoch is a flat loop of
-steps followed by the test-set measurements of tulip.measures. After the last epoch the best
-checkpoint goes through the final evaluation it was handed (tulip.evaluation, built before training)
+(tulip.train.step: precision, channels_last, compile), then loops over epochs. Each epoch is a flat loop of
+steps followed by the test-set measurements of tulip.evaluate.measures. After the last epoch the best
+checkpoint goes through the final evaluation it was handed (tulip.evaluate.final, built before training)
 and summary.json is written, whatever happened.
 """
 import contextlib
@@ -20,18 +20,18 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from tulip import metric_keys
+from tulip.runs import metric_keys
 from tulip.config import ConfigError, resolve_device
 from tulip.data import Data, load_dataset
-from tulip.lipschitz import layer_norm_bound
-from tulip.measures import class_balanced_subset, measure
-from tulip.objective import build_objective
-from tulip.run_folder import RunFolder, RunFolderError, build_model
+from tulip.nn.lipschitz import layer_norm_bound
+from tulip.evaluate.measures import class_balanced_subset, measure
+from tulip.train.objective import build_objective
+from tulip.runs.folder import RunFolder, RunFolderError, build_model
 from tulip.seeding import rng_state, seed_everything, set_rng_state
-from tulip.step import prepare_step
-from tulip.tracking import RunContext, Tracker
+from tulip.train.step import prepare_step
+from tulip.runs.tracking import RunContext, Tracker
 
-# The final evaluation: (model, data, folder, tracker) -> metrics (tulip.evaluation.Evaluation).
+# The final evaluation: (model, data, folder, tracker) -> metrics (tulip.evaluate.final.Evaluation).
 FinalEvaluation = Callable[[torch.nn.Module, Data, RunFolder, Tracker], dict]
 
 log = logging.getLogger(__name__)

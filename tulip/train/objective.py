@@ -7,7 +7,7 @@ A regularizer is two choices, both made once when the objective is built:
 2. *Penalties* added to the mean cross-entropy of that batch: every ``Penalty`` whose multiplier is > 0,
    in the order of the config.
 
-The parts are small classes with a Hydra ``_target_`` (tulip.regularizers holds the built-in ones), listed
+The parts are small classes with a Hydra ``_target_`` (tulip.train.regularizers holds the built-in ones), listed
 under ``reg.batches`` and ``reg.penalties`` in conf/regularizer/_base.yaml, where each reads its
 multiplier from a flat key by interpolation (``lam: ${reg.lip}``). That keeps the command line flat
 (``reg.lip=0.1 reg.J2=0.01``) and lets options combine (``regularizer=[lip,J2]``). A new penalty is one
@@ -28,7 +28,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from tulip.config import LARGEST, NONNEGATIVE, POSITIVE, SMALLEST, is_int, is_number
-from tulip.metric_keys import penalty as penalty_key
+from tulip.runs.metric_keys import penalty as penalty_key
 
 Model = torch.nn.Module
 

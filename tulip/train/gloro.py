@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tulip.lipschitz import conv_adjoint
-from tulip.models import ConvBN, ReLU
-from tulip.objective import ArgumentError, Model, Penalty, TrainingBatch, nonnegative, positive_int
+from tulip.nn.lipschitz import conv_adjoint
+from tulip.nn.models import ConvBN, ReLU
+from tulip.train.objective import ArgumentError, Model, Penalty, TrainingBatch, nonnegative, positive_int
 
 CERTIFIABLE = "a chain of convolutions without BatchNorm, linear layers, ReLU and flatten (e.g. model=cnn_4c3f)"
 

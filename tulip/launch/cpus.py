@@ -9,7 +9,7 @@ PyTorch starts one OpenMP thread per core it sees. Four jobs that a local launch
     threads    = `threads` when set, else max(1, CPUs given // jobs started at once)
 
 The number of jobs started at once is only known to the process that launches them: the Hydra callback
-`tulip.callbacks.ShareCpus` computes it from the sweep and the launcher, and hands it to the jobs through
+`tulip.launch.callbacks.ShareCpus` computes it from the sweep and the launcher, and hands it to the jobs through
 the environment variable JOBS_AT_ONCE (a local launcher's jobs inherit the launching process's
 environment). A job started any other way counts as alone.
 """

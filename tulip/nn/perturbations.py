@@ -1,4 +1,4 @@
-"""Input perturbations shared by training (tulip.regularizers) and evaluation (tulip's attacks).
+"""Input perturbations shared by training (tulip.train.regularizers) and evaluation (tulip's attacks).
 
 Pure, model-agnostic functions on batches of shape (B, ...) whose first dimension indexes samples.
 Every function treats each sample separately: norms, signs and maxima are taken over the N entries of one

@@ -6,14 +6,14 @@
     lipschitz/loss_grad_max, _mean        max / mean over images of the per-sample ||grad_x loss_i||_2
     lipschitz/jacobian_2inf               max over images of max_c ||grad_x f_c(x)||_2
     weights/product_2inf                  largest row 2-norm of M, where x -> M x + b is the linearized
-    weights/product_spectral              network (see ``tulip.models.linearized``), and M's spectral norm
+    weights/product_spectral              network (see ``tulip.nn.models.linearized``), and M's spectral norm
     weights/layer_norm_product            product of guaranteed bounds on the layers' operator norms
-                                          (``tulip.lipschitz.layer_norm_bound``): an upper bound, by
+                                          (``tulip.nn.lipschitz.layer_norm_bound``): an upper bound, by
                                           theorem, on the L2 Lipschitz constant of the logits
     weights/layer_norm_estimate           the same product of power-iteration estimates (per epoch)
     model/tanh_scale                      the bounded head's t (only with ``model.tanh=true``)
 
-During training (`tulip.train`) the test error and loss are measured on the whole test set every
+During training (`tulip.train.loop`) the test error and loss are measured on the whole test set every
 epoch (one forward pass), the rest every `eval.every` epochs on `eval.n` test images
 (`class_balanced_subset`: the same images every epoch), since they cost C + 1 backward passes per
 image, and without the guaranteed layer bound (25 s per call for a ResNet-18 on 2 CPU cores; its
@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tulip import metric_keys
-from tulip.lipschitz import eval_mode, layer_norm_bound, layer_norm_estimate
-from tulip.models import Classifier, linearized
+from tulip.runs import metric_keys
+from tulip.nn.lipschitz import eval_mode, layer_norm_bound, layer_norm_estimate
+from tulip.nn.models import Classifier, linearized
 
 
 def _input_grads(x: torch.Tensor, scalars: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -8,7 +8,7 @@ at ε when any member breaks it, which is AutoAttack's robust error.
 
 The reference attacks one ε per call; a member tries every ε of ``attack.epsilons.<norm>``, smallest
 first, and attacks at a larger ε only the images still robust, with the semantics of
-tulip.attacks.FixedEpsilonAttack: 0 for an image the model already misclassifies, the norms of the
+tulip.evaluate.attacks.FixedEpsilonAttack: 0 for an image the model already misclassifies, the norms of the
 adversarial found at the smallest ε that succeeds, +inf where none does. Tulip checks every
 adversarial itself (misclassified, within ε, inside [0, 1]); anything else is a failure.
 
@@ -25,9 +25,9 @@ from pyautoattack.fab_pt import FABAttack_PT
 from pyautoattack.square import SquareAttack
 from tqdm import tqdm
 
-from tulip.attacks import perturbation_norms
-from tulip.metric_keys import NORMS
-from tulip.perturbations import frozen_eval
+from tulip.evaluate.attacks import perturbation_norms
+from tulip.runs.metric_keys import NORMS
+from tulip.nn.perturbations import frozen_eval
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ Build = Callable[[torch.nn.Module, float, int, torch.device], Any]
 
 
 class AutoAttackMember:
-    """One member of the ensemble in one norm; satisfies tulip.evaluation.Attack."""
+    """One member of the ensemble in one norm; satisfies tulip.evaluate.final.Attack."""
 
     def __init__(self, norm: str, build: Build, name: str = "autoattack"):
         if norm not in NORMS:
@@ -74,7 +74,7 @@ class AutoAttackMember:
         budgets = sorted({float(eps) for eps in epsilons if eps > 0})  # at ε = 0 nothing can be found
         # The reference reseeds torch's global generators on every call; the caller's streams are kept.
         with frozen_eval(model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            # A bar on a terminal only (as in training); a log gets tulip.evaluation's line per member.
+            # A bar on a terminal only (as in training); a log gets tulip.evaluate.final's line per member.
             batches = tqdm(range(0, len(x), batch_size), desc=f"{self.name} {self.norm}", leave=False,
                            disable=not sys.stderr.isatty())
             for start in batches:

@@ -13,8 +13,8 @@ It evaluates the first ``attack.n`` test images (all when null):
   the model already misclassifies and +inf where an attack failed; medians are over all evaluated images
   (so +inf when more than half survive every attack), means over the finite distances, and the robust
   error at ε is the % of images at distance ≤ ε, for every ε of ``attack.epsilons.<norm>``;
-- with ``eval.bounds`` (default on) the lower bounds and certificates of tulip.bounds on the same images
-  (bounds.csv): the pairwise certificate with the guaranteed Lipschitz bounds of tulip.lipschitz, its
+- with ``eval.bounds`` (default on) the lower bounds and certificates of tulip.evaluate.bounds on the same images
+  (bounds.csv): the pairwise certificate with the guaranteed Lipschitz bounds of tulip.nn.lipschitz, its
   tightness against the best L2 attack when one ran, and a searched lower bound on the Lipschitz constant;
 - with ``eval.nn`` the nearest differently-labelled training image of every test image (nn.csv).
 """
@@ -27,20 +27,22 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig
 
-from tulip import bounds, metric_keys, neighbours
+from tulip.evaluate import bounds, neighbours
+
+from tulip.runs import metric_keys
 from tulip.config import LARGEST, NONNEGATIVE, ConfigError, is_number
 from tulip.data import Data
-from tulip.lipschitz import last_layer, layer_norm_bound, layer_norm_estimate
-from tulip.metric_keys import NORMS
-from tulip.objective import ArgumentError
-from tulip.perturbations import frozen_eval
-from tulip.run_folder import RunFolder
+from tulip.nn.lipschitz import last_layer, layer_norm_bound, layer_norm_estimate
+from tulip.runs.metric_keys import NORMS
+from tulip.train.objective import ArgumentError
+from tulip.nn.perturbations import frozen_eval
+from tulip.runs.folder import RunFolder
 
 log = logging.getLogger(__name__)
 
 
 class Attack(Protocol):
-    """What the evaluation needs of an attack (tulip.attacks builds them from conf/attack/*.yaml)."""
+    """What the evaluation needs of an attack (tulip.evaluate.attacks builds them from conf/attack/*.yaml)."""
     norm: str  # "l2" or "linf": the norm it minimises or is budgeted in
 
     def distances(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, epsilons: list[float],
@@ -220,7 +222,7 @@ def evaluate_bounds(model, x: torch.Tensor, y: torch.Tensor, batch_size: int,
 def _certificate(model, input_shape, logits: torch.Tensor, y: torch.Tensor,
                  global_radii: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
     """The pairwise certified radii (n,) from the (n, C) logits where the model ends in a linear layer
-    (tulip.lipschitz.last_layer), else the global ones; and the metrics that say which."""
+    (tulip.nn.lipschitz.last_layer), else the global ones; and the metrics that say which."""
     last = last_layer(model, input_shape)
     if last is None:
         log.info("certificate: the model does not end in a linear layer: global form m/(√2·K)")

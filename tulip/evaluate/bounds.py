@@ -13,7 +13,7 @@ For an image x with label y and softmax output p, the successor paper (Finlay & 
 - Global certificate (Tsuzuku, Sato & Sugiyama, NeurIPS 2018, arXiv 1802.04034): for the logit margin
   m(x) = f_y − max_{j≠y} f_j and logits that are K-Lipschitz in L2, no perturbation with
   ‖δ‖₂ < m(x) / (√2·K) changes the prediction (f_y − f_j is √2·K-Lipschitz).
-  K = ``tulip.lipschitz.layer_norm_bound(model)``, a bound by theorem.
+  K = ``tulip.nn.lipschitz.layer_norm_bound(model)``, a bound by theorem.
 - Pairwise certificate (GloRo, Leino, Wang & Fredrikson, ICML 2021, arXiv 2102.08452): for logits
   f_j = w_j·φ(x) + b_j with φ K₋-Lipschitz, f_y − f_j is K₋·‖w_y − w_j‖₂-Lipschitz, so no perturbation
   with ‖δ‖₂ < min_{j≠y} (f_y − f_j) / (K₋·‖w_y − w_j‖₂) changes the prediction. Since
@@ -32,8 +32,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from tulip.models import ReLU
-from tulip.perturbations import l2_direction
+from tulip.nn.models import ReLU
+from tulip.nn.perturbations import l2_direction
 
 # Piecewise-linear modules: a network containing any of them has a Hessian that is zero almost
 # everywhere inside its linear regions, which says nothing about its curvature across the kinks.
@@ -44,7 +44,7 @@ NON_SMOOTH_MODULES = (ReLU, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.Hardta
 
 def _batches(n: int, batch_size: int, desc: str):
     """The batch starts 0, batch_size, ... < n: with a progress bar on a terminal only, as in training
-    (a log gets tulip.evaluation's bounds lines)."""
+    (a log gets tulip.evaluate.final's bounds lines)."""
     return tqdm(range(0, n, batch_size), desc=desc, leave=False, disable=not sys.stderr.isatty())
 
 

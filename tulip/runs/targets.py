@@ -1,0 +1,45 @@
+"""Old `_target_` paths in saved configs, mapped to where the classes live now.
+
+Every checkpoint (and a Hydra job's .hydra/config.yaml) holds the resolved config it was trained with,
+`_target_` paths included. The package was once flat (`tulip.models.CNNSmall`, `tulip.data.mnist5k`,
+`tulip.regularizers.PGDBatch`); run folders saved then must still resume, evaluate and appear in reports.
+Rather than keep alias modules at the old paths, configs are rewritten once, where they are read back
+(`RunFolder.load_checkpoint`, the report's reader), so that a resumed run compares equal to today's
+config and nothing but this table remembers the old layout.
+"""
+
+# old module -> the module that holds its classes and functions now
+MOVED_MODULES = {
+    "tulip.models": "tulip.nn.models",
+    "tulip.perturbations": "tulip.nn.perturbations",
+    "tulip.lipschitz": "tulip.nn.lipschitz",
+    "tulip.step": "tulip.train.step",
+    "tulip.objective": "tulip.train.objective",
+    "tulip.regularizers": "tulip.train.regularizers",
+    "tulip.gloro": "tulip.train.gloro",
+    "tulip.evaluation": "tulip.evaluate.final",
+    "tulip.attacks": "tulip.evaluate.attacks",
+    "tulip.autoattack": "tulip.evaluate.autoattack",
+    "tulip.bounds": "tulip.evaluate.bounds",
+    "tulip.measures": "tulip.evaluate.measures",
+    "tulip.neighbours": "tulip.evaluate.neighbours",
+    "tulip.launcher": "tulip.launch.launcher",
+    "tulip.sweeper": "tulip.launch.sweeper",
+    "tulip.callbacks": "tulip.launch.callbacks",
+}
+
+
+def current_target(target: str) -> str:
+    """`tulip.models.CNNSmall` -> `tulip.nn.models.CNNSmall`; any other path is returned as it is."""
+    module, _, name = target.rpartition(".")
+    return f"{MOVED_MODULES[module]}.{name}" if module in MOVED_MODULES else target
+
+
+def upgrade_targets(config):
+    """A copy of a saved (plain, resolved) config with every `_target_` at its current path."""
+    if isinstance(config, dict):
+        return {k: current_target(v) if k == "_target_" and isinstance(v, str) else upgrade_targets(v)
+                for k, v in config.items()}
+    if isinstance(config, list):
+        return [upgrade_targets(v) for v in config]
+    return config
