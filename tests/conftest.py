@@ -19,7 +19,7 @@ from omegaconf import DictConfig, open_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
-sys.path.insert(0, str(Path(__file__).parent))  # for tests/wandb_records.py
+sys.path.insert(0, str(Path(__file__).parent))  # for tests/support/
 # One intra-op thread per process: tests start several jobs at once (multiruns, SLURM), and
 # oversubscribed BLAS threads on 2 cores made small SVDs and convolutions 10x slower.
 os.environ.setdefault("OMP_NUM_THREADS", "1")

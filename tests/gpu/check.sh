@@ -27,7 +27,7 @@ step() {  # step NAME TIMEOUT_S COMMAND...
 "$python" -c "import torch; print('torch', torch.__version__, 'on', torch.cuda.get_device_name())" || exit 1
 if [ "$what" != benchmarks ]; then
     # 400 s: two of the tests compile the step with torch.compile (tens of seconds each)
-    step tests 400 "$python" -m pytest -m cuda -q -p no:cacheprovider --durations=8 tests/test_cuda.py
+    step tests 400 "$python" -m pytest -m cuda -q -p no:cacheprovider --durations=8 tests/system/test_cuda.py
 fi
 if [ "$what" != tests ]; then
     step bench_regularizers 90 "$python" -m tulip.bench regularizers --device cuda --rounds 8

@@ -11,7 +11,7 @@
 # call finds the daemons alive and only prints the export line.
 #
 # No accounting (slurmdbd): sacct fails, so submitit sees job states as UNKNOWN and waits for result
-# files. Every test therefore bounds its own waits (see tests/test_slurm.py).
+# files. Every test therefore bounds its own waits (see tests/system/test_slurm.py).
 #
 # Exit status: 0 up; 77 SLURM cannot be started here (not root, no apt-get) - the tests skip with the
 # printed reason; anything else is a real failure.

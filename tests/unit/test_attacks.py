@@ -15,9 +15,9 @@ from tulip.runs.metric_keys import NORMS
 from tulip.data import mnist5k
 from tulip.nn.models import MLP
 
-ATTACK_DIR = Path(__file__).resolve().parents[1] / "conf" / "attack"
+ATTACK_DIR = Path(__file__).resolve().parents[2] / "conf" / "attack"
 NOT_ATTACKS = {"none", "default"}
-# The Foolbox options: those built by tulip.evaluate.attacks (the AutoAttack ones: tests/test_autoattack.py).
+# The Foolbox options: those built by tulip.evaluate.attacks (the AutoAttack ones: tests/unit/test_autoattack.py).
 ATTACK_NAMES = sorted(p.stem for p in ATTACK_DIR.glob("*.yaml") if p.stem not in NOT_ATTACKS
                       and str(OmegaConf.load(p).get("_target_", "")).startswith("tulip.evaluate.attacks."))
 # Small step counts: these tests check the plumbing, not attack strength.

@@ -1,6 +1,6 @@
 """Run one small training job in a folder and SIGKILL it at a chosen moment, as a preemption would.
 
-    python tests/fault_driver.py RUN_DIR POINT [TIMES]
+    python tests/support/fault_driver.py RUN_DIR POINT [TIMES]
 
 POINT says where the process dies, the TIMES-th time (default 1) it gets there:
     none              run to the end
@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 os.environ["OMP_NUM_THREADS"] = "1"
-sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1])]  # conftest, tulip
+sys.path[:0] = [str(Path(__file__).parents[1]), str(Path(__file__).parents[2])]  # conftest, tulip
 
 import torch  # noqa: E402
 

@@ -21,7 +21,7 @@ from conftest import ROOT, TINY, compose_config
 from tulip.main import run
 from tulip.runs.folder import RunFolder
 from tulip.runs.tracking import RunContext, Tracker
-from wandb_records import history, records, run_file
+from support.wandb_records import history, records, run_file
 
 # A few seconds per run: no bounds, a small MLP, fewer images.
 FAST = ["eval.bounds=false", "model=mlp", "model.hidden=[32,16]", "dataset.train_subset=256",

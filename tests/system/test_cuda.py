@@ -105,7 +105,7 @@ def test_the_bf16_channels_last_compiled_loop_never_waits_for_the_device(regular
 
 @pytest.mark.parametrize("model_name, regularizer", BF16_CASES)
 def test_bf16_objective_on_cuda_computes_what_float32_computes(model_name, regularizer, monkeypatch):
-    """tests/test_gpu_path.py's check on the GPU: under bf16 autocast the loss and every penalty are
+    """tests/integration/test_gpu_path.py's check on the GPU: under bf16 autocast the loss and every penalty are
     float32's to 1 % (TF32 off, so that the reference is float32)."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
@@ -115,7 +115,7 @@ def test_bf16_objective_on_cuda_computes_what_float32_computes(model_name, regul
     assert bf16.logs.keys() == fp32.logs.keys()
     for name, value in fp32.logs.items():
         assert bf16.logs[name].item() == pytest.approx(value.item(), rel=1e-2), name
-    if model_name == "cnn_4c3f":  # BatchNorm-free: the weight gradients too (see tests/test_gpu_path.py)
+    if model_name == "cnn_4c3f":  # BatchNorm-free: the weight gradients too (see tests/integration/test_gpu_path.py)
         assert (bf16_gradient - fp32_gradient).norm() <= 5e-2 * fp32_gradient.norm()
 
 

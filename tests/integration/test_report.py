@@ -27,7 +27,7 @@ from PIL import Image
 from tulip import report
 from tulip.report.plots import DPI, WIDTH
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # reg.lip=-1 is rejected by the config check: those two jobs fail for real, before writing a summary.
 SWEEP = ["regularizer=lip", "reg.lip=0,0.1,-1", "seed=0,1", "epochs=1", "wandb.mode=disabled",
          "dataset.train_subset=512", "dataset.test_subset=100", "attack=ddn", "attack.n=30",

@@ -284,7 +284,7 @@ def test_a_value_starts_training_or_fails_early_naming_its_key(key, monkeypatch,
 
 # Values the fuzzing found getting past the checks, or failing inside torch, NumPy or PGD's first step
 # without naming their key; fixed examples, so that they stay fixed whatever the generator draws (more
-# top-level ones are in tests/test_config.py).
+# top-level ones are in tests/unit/test_config.py).
 @pytest.mark.parametrize("overrides, key", [
     (["optim.lr=5e-324"], "optim.lr"),
     (["scheduler.gamma=1e30", "epochs=8"], "scheduler.gamma"),

@@ -1,7 +1,7 @@
 """Faults lose nothing and let nothing in: a run killed anywhere resumes to the uninterrupted result, a
 damaged file stops the run naming it and is left as it is, a checkpoint never runs code, one process
 writes a folder, a full disk keeps the last good checkpoint, and a sweep with failures reports exactly
-them and resumes the rest. Kills are real SIGKILLs of separate processes (tests/fault_driver.py)."""
+them and resumes the rest. Kills are real SIGKILLs of separate processes (tests/support/fault_driver.py)."""
 import json
 import os
 import random
@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from conftest import ROOT, compose_config
-from fault_driver import JOB
+from support.fault_driver import JOB
 from tulip.main import run
 from tulip.runs.folder import RunFolder, RunFolderError
 
-DRIVER = Path(__file__).parent / "fault_driver.py"
+DRIVER = Path(__file__).parents[1] / "support" / "fault_driver.py"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
 
 

@@ -3,7 +3,7 @@ through Hydra's basic launcher, submitit_local and Tulip's local launcher (W&B o
 sweep, a failing job that does not stop the others, the end-of-sweep report of tulip.launch.callbacks, at most
 `array_parallelism` local jobs at once).
 
-The SLURM versions of these runs are in tests/test_slurm.py.
+The SLURM versions of these runs are in tests/system/test_slurm.py.
 """
 import json
 import os
@@ -19,7 +19,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from conftest import CONF_DIR as CONF, ROOT, compose_with_hydra
-from wandb_records import history, records
+from support.wandb_records import history, records
 
 SWEEPS = ROOT / "sweeps"
 RUN_PY = ROOT / "run.py"
@@ -29,7 +29,7 @@ TINY = ["epochs=1", "dataset=mnist5k", "dataset.train_subset=512", "dataset.test
         "attack=none"]
 
 
-# --- helpers shared with tests/test_slurm.py ------------------------------------------------------
+# --- helpers shared with tests/system/test_slurm.py ------------------------------------------------------
 
 def run_tulip(args: list[str], cwd: Path, timeout: float, env: dict | None = None,
               ) -> subprocess.CompletedProcess:
@@ -60,7 +60,7 @@ def read_summary(job_dir: Path) -> dict:
 def wandb_runs(job_dir: Path) -> list[dict]:
     """One dict per offline W&B run in a job folder, oldest first: name, group, tags and config of
     its `run` record (absent when the attempt was killed before W&B flushed anything) and the
-    `epoch`s it logged, read from the run-<id>.wandb log (tests/wandb_records.py)."""
+    `epoch`s it logged, read from the run-<id>.wandb log (tests/support/wandb_records.py)."""
     runs = []
     for run_file in sorted((job_dir / "wandb").glob("offline-run-*/run-*.wandb")):
         run = {"file": run_file, "epochs": [row["epoch"] for row in history(run_file) if "epoch" in row]}

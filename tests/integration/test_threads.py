@@ -1,6 +1,6 @@
 """The CPU threads a job computes with (tulip.launch.cpus) and how a sweep's local launcher shares the cores
 (tulip.launch.callbacks.ShareCpus). The real multiruns that check the thread count each job used are in
-tests/test_sweeps.py."""
+tests/integration/test_sweeps.py."""
 import os
 
 import pytest

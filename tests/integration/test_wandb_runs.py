@@ -1,6 +1,6 @@
 """The W&B runs of one run folder: training (job type train), then mode=evaluate and mode=summary on it,
 each its own run in the training run's group, linked to it. Real offline runs, read back from their
-run-<id>.wandb files (tests/wandb_records.py).
+run-<id>.wandb files (tests/support/wandb_records.py).
 """
 import csv
 import json
@@ -20,7 +20,7 @@ from conftest import ROOT, compose_config
 from tulip.main import hydra_context, run
 from tulip.runs.folder import RunFolder
 from tulip.runs.tracking import Tracker
-from wandb_records import records
+from support.wandb_records import records
 
 
 # A few seconds per run: a small MLP, fewer images, no bounds; DDN on 20 images.

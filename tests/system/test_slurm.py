@@ -1,6 +1,6 @@
 """Sweeps on a real single-node SLURM cluster (tests/slurm/start.sh), through hydra-submitit-launcher.
 
-    python -m pytest -m slurm tests/test_slurm.py
+    python -m pytest -m slurm tests/system/test_slurm.py
 
 The module starts the cluster if it is not up (and then stops it at the end); .ci/run starts it once
 before the whole suite. Without root or apt-get the tests skip saying why, unless

@@ -1,7 +1,7 @@
 """hydra/sweeper=optuna: multi-objective search over multipliers, resumable studies, the study sweep files.
 
 The sweeps here are real: `python run.py -m hydra/sweeper=optuna ...` with the basic launcher and with
-Tulip's local launcher (the local SLURM cluster's run, through submitit, is in tests/test_slurm.py), each trial a 1-epoch training.
+Tulip's local launcher (the local SLURM cluster's run, through submitit, is in tests/system/test_slurm.py), each trial a 1-epoch training.
 """
 import csv
 import json

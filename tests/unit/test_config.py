@@ -94,7 +94,7 @@ def test_unknown_group_option_lists_the_options():
     ("wandb.mode=sometimes", "wandb.mode"),
     ("mode=evaluate", "run_dir"),
     ("batch_size=100000", "batch_size"),
-    # beyond a sign: non-finite, huge and wrongly typed values (tests/test_fuzz.py draws many more)
+    # beyond a sign: non-finite, huge and wrongly typed values (tests/unit/test_fuzz.py draws many more)
     ("optim.lr=inf", "optim.lr"),
     ("optim.lr=1e300", "optim.lr"),
     ("scheduler.gamma=inf", "scheduler.gamma"),

@@ -13,7 +13,7 @@ from tulip.config import ConfigError
 from tulip.main import run
 from tulip.runs.folder import build_model, load_run
 from tulip.seeding import set_rng_state
-from wandb_records import history, inspect_summary, run_file, run_record
+from support.wandb_records import history, inspect_summary, run_file, run_record
 
 EPOCH_KEYS = ["epoch", "lr", "time/epoch_s", "train/loss", "train/error_pct", "test/loss",
               "test/error_pct", "lipschitz/loss_grad_max", "lipschitz/loss_grad_mean",

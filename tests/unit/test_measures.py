@@ -184,7 +184,7 @@ def test_conv_norm_estimate_matches_dense_svd(stride, padding, groups, kernel):
 ], ids=["conv_bn", "linear", "global_avg_pool", "avg_pool", "branch_mean"])
 def test_layer_norms_are_the_operator_norms(layer, shape):
     """Eval-mode BatchNorm folded into the conv; pools and branch means exact (the power-iteration
-    estimate; tests/test_lipschitz.py checks the guaranteed bound on the same layers)."""
+    estimate; tests/unit/test_lipschitz.py checks the guaranteed bound on the same layers)."""
     layer = with_random_statistics(layer)
     exact = exact_operator_norm(layer, shape)
     with torch.no_grad():

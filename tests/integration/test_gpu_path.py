@@ -1,6 +1,6 @@
 """The GPU training path's settings, checked on the CPU: `precision=bf16` (autocast), `channels_last` and
 `compile`. Each is decided once per run (tulip.train.step.prepare_step); the per-epoch measurements, the
-checkpoints and the final evaluation stay float32 on the plain model. tests/test_cuda.py repeats the
+checkpoints and the final evaluation stay float32 on the plain model. tests/system/test_cuda.py repeats the
 precision and compile checks on a GPU."""
 import copy
 import dataclasses
