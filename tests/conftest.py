@@ -1,12 +1,25 @@
-"""Shared test helpers: compose the real Hydra config and shrink it.
+"""Shared test helpers: compose the real Hydra config and shrink it; the tiers; the runs tests share.
 
 Tests build their config exactly as `python run.py` does (same conf/ folder, same defaults), then
 shrink it with overrides: one epoch, subsets of mnist5k, W&B disabled unless W&B is under test.
+
+A test's tier is the folder it is in (tests/unit, tests/integration, tests/system): its marker is added
+here, and system tests get a longer timeout. `python -m pytest -q` runs unit and integration (setup.cfg's
+testpaths); `python -m pytest -q tests` runs everything.
+
+Training is what costs: tests that only read a trained run or a multirun share one, built once per session
+(`trained_run`, `tiny_multirun`, `interrupted_fault_job`). They are read-only; a test that changes a
+run folder copies it to its tmp_path first (`copy_run`).
 """
 import copy
+import functools
+import hashlib
 import math
 import os
+import shutil
+import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -33,12 +46,23 @@ TINY = ["epochs=1", "batch_size=64", "dataset.train_subset=512", "dataset.test_s
 
 def compose_with_hydra(*overrides: str, config_dir: Path = CONF_DIR, config_name: str = "config") -> DictConfig:
     """The config with its `hydra` node, as `python run.py [--config-dir D --config-name N] <overrides>`
-    composes it (a sweep file in sweeps/ finds conf/ through hydra.searchpath)."""
+    composes it (a sweep file in sweeps/ finds conf/ through hydra.searchpath). Each call gets its own
+    copy of what Hydra composed for these arguments (once per session)."""
     GlobalHydra.instance().clear()
+    return copy.deepcopy(_composed(tuple(overrides), config_dir, config_name))
+
+
+# A composition costs Hydra 0.1-0.2 s of CPU here, and the tests compose the same few configs hundreds of
+# times. A failing composition is not cached: it raises again on every call.
+@functools.lru_cache(maxsize=None)
+def _composed(overrides: tuple[str, ...], config_dir: Path, config_name: str) -> DictConfig:
     if config_dir != CONF_DIR:
         overrides = (f"hydra.searchpath=[file://{CONF_DIR}]", *overrides)
-    with initialize_config_dir(str(config_dir), version_base="1.3"):
-        return compose(config_name, overrides=list(overrides), return_hydra_config=True)
+    try:
+        with initialize_config_dir(str(config_dir), version_base="1.3"):
+            return compose(config_name, overrides=list(overrides), return_hydra_config=True)
+    finally:
+        GlobalHydra.instance().clear()
 
 
 def compose_config(*overrides: str, tiny: bool = True) -> DictConfig:
@@ -113,6 +137,30 @@ def make_config():
     return compose_config
 
 
+def compile_records(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "tulip.train.loop" and "compile" in r.getMessage()]
+
+
+@pytest.fixture
+def compile_calls(monkeypatch):
+    """The models torch.compile was called on (it still compiles them)."""
+    calls, real = [], torch.compile
+
+    def spy(model, *args, **kwargs):
+        calls.append(model)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", spy)
+    return calls
+
+
+@pytest.fixture(scope="session")
+def model_and_images():
+    """A quickly trained MLP and 24 test images, 3 of them misclassified, for the attack tests (read-only)."""
+    from support.attacks import trained_mlp_and_images
+    return trained_mlp_and_images()
+
+
 def dense_matrix(linear_map, shape):
     """The matrix of a linear map on inputs of `shape`, column by column (small shapes only)."""
     d = math.prod(shape)
@@ -157,3 +205,118 @@ def run_interrupted_in_second_epoch(cfg: DictConfig, run_dir: Path, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         run(cfg, run_dir)
     monkeypatch.setattr(tulip.train.loop, "measure", real_measure)
+
+
+# --- tiers -----------------------------------------------------------------------------------------
+
+TIERS = ("unit", "integration", "system")
+# Subprocess sweeps and studies train several jobs each and wait on them; setup.cfg's timeout is for the rest.
+SYSTEM_TIMEOUT_S = 900
+
+
+def pytest_collection_modifyitems(config, items):
+    """The tier marker from the test's folder (tests/<tier>/...), whoever wrote the file."""
+    tests = Path(__file__).parent
+    for item in items:
+        tier = item.path.relative_to(tests).parts[0] if item.path.is_relative_to(tests) else None
+        if tier not in TIERS:
+            continue
+        item.add_marker(getattr(pytest.mark, tier))
+        if tier == "system" and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(SYSTEM_TIMEOUT_S))
+
+
+# --- runs that tests share -------------------------------------------------------------------------
+
+def copy_run(source: Path, target: Path) -> Path:
+    """A copy of a shared run folder that a test may change (milliseconds: the runs are tiny)."""
+    shutil.copytree(source, target, dirs_exist_ok=True)
+    return target
+
+
+# Taking a folder's writer lock rewrites the lock file (holder and time) without changing the run.
+NOT_THE_RUN = {".tulip.lock"}
+
+
+def folder_fingerprint(folder: Path) -> dict[str, str]:
+    """A digest of every file under `folder`: a shared run must end the session as it began."""
+    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(folder.rglob("*")) if path.is_file() and path.name not in NOT_THE_RUN}
+
+
+def assert_unchanged(folder: Path, fingerprint: dict[str, str]) -> None:
+    now = folder_fingerprint(folder)
+    changed = sorted(name for name in fingerprint.keys() | now.keys() if fingerprint.get(name) != now.get(name))
+    assert not changed, f"a test changed the shared run folder {folder} ({changed}); copy it first (conftest.copy_run)"
+
+
+@dataclass(frozen=True)
+class TrainedRun:
+    folder: Path
+    metrics: dict  # what run() returned
+
+
+# One epoch of cnn_small (TINY), then three attacks (ddn, pgd_l2, fgsm) on 40 test images, the bounds and
+# the nearest-neighbour distances: a run folder holding every file a training run writes.
+TRAINED_RUN_L2_EPS = [0.5, 1.0, 2.0]
+TRAINED_RUN_LINF_EPS = [0.005, 0.02]  # FGSM fails at these on almost every image: failures must be +inf
+TRAINED_RUN = ["attack=[ddn,pgd_l2,fgsm]", "attack.n=40", "attack.methods.ddn.steps=20",
+               "attack.methods.pgd_l2.steps=10", "attack.methods.pgd_l2.rel_stepsize=0.2",
+               f"attack.epsilons.l2=[{','.join(map(str, TRAINED_RUN_L2_EPS))}]",
+               f"attack.epsilons.linf=[{','.join(map(str, TRAINED_RUN_LINF_EPS))}]", "eval.nn=true"]
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> TrainedRun:
+    """`run(compose_config(*TRAINED_RUN))` once per session; read-only (copy_run it to change it)."""
+    from tulip.main import run
+    folder = tmp_path_factory.mktemp("trained_run")
+    metrics = run(compose_config(*TRAINED_RUN), folder)
+    fingerprint = folder_fingerprint(folder)
+    yield TrainedRun(folder, metrics)
+    assert_unchanged(folder, fingerprint)
+
+
+@dataclass(frozen=True)
+class Multirun:
+    folder: Path
+    command: subprocess.CompletedProcess  # `python run.py -m ...`: its exit code and output
+
+
+# `python run.py -m` as a user runs it: 3 Lipschitz multipliers x 2 seeds, 1 epoch each, with a
+# minimisation attack. reg.lip=-1 is rejected by the config check: jobs 0 and 1 fail for real, before
+# training, and the four after them must still run.
+TINY_MULTIRUN = ["regularizer=lip", "reg.lip=-1,0,0.1", "seed=0,1", "epochs=1", "wandb.mode=disabled",
+                 "dataset.train_subset=512", "dataset.test_subset=100", "attack=ddn", "attack.n=30",
+                 "attack.methods.ddn.steps=10"]
+
+
+@pytest.fixture(scope="session")
+def tiny_multirun(tmp_path_factory) -> Multirun:
+    """TINY_MULTIRUN once per session; read-only (copy_run it to change it)."""
+    folder = tmp_path_factory.mktemp("multirun")
+    # One BLAS/OpenMP thread: on a shared 2-core machine two threads per process make torch's SVD and
+    # convolutions many times slower under load.
+    command = subprocess.run([sys.executable, "run.py", "-m", *TINY_MULTIRUN, f"hydra.sweep.dir={folder}"],
+                             cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                             text=True, timeout=300)
+    jobs = sorted(p for p in folder.iterdir() if p.name.isdigit())
+    assert len(jobs) == 6, command.stderr[-3000:]
+    fingerprint = folder_fingerprint(folder)
+    yield Multirun(folder, command)
+    assert_unchanged(folder, fingerprint)
+
+
+# The job of tests/support/fault_driver.py, which kills it at chosen moments: 3 epochs and DDN.
+FAULT_JOB = ["epochs=3", "attack=ddn", "attack.n=20", "attack.methods.ddn.steps=10", "scheduler.milestones=[2]"]
+
+
+@pytest.fixture(scope="session")
+def interrupted_fault_job(tmp_path_factory) -> Path:
+    """A folder holding epoch 1 of FAULT_JOB, as after a preemption in epoch 2; read-only."""
+    folder = tmp_path_factory.mktemp("interrupted")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        run_interrupted_in_second_epoch(compose_config(*FAULT_JOB), folder, monkeypatch)
+    fingerprint = folder_fingerprint(folder)
+    yield folder
+    assert_unchanged(folder, fingerprint)

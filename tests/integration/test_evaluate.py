@@ -1,25 +1,21 @@
-"""Evaluation end to end: a tiny training run with attacks + nn, then evaluate and summary modes on it."""
+"""Evaluation end to end: the session's tiny training run with attacks + nn (conftest.TRAINED_RUN), then
+evaluate and summary modes on it (on copies: the shared run is read-only)."""
 import csv
 import json
-import logging
 import math
 import shutil
 
 import pytest
 import torch
 
-from conftest import compose_config
+from conftest import TRAINED_RUN_L2_EPS, TRAINED_RUN_LINF_EPS, compose_config, copy_run
 from tulip.config import ConfigError
-from tulip.data import load_dataset
-from tulip.evaluate.final import build_evaluation, evaluate_bounds
+from tulip.evaluate.final import build_evaluation
 from tulip.main import run
-from tulip.runs.folder import RunFolder, load_run
+from tulip.build import load_run
+from tulip.runs.folder import RunFolder, RunFolderError
 
-L2_EPS = [0.5, 1.0, 2.0]
-LINF_EPS = [0.005, 0.02]  # FGSM fails at these on almost every image: failures must be +inf
-ATTACK = ["attack=[ddn,pgd_l2,fgsm]", "attack.n=40", "attack.methods.ddn.steps=20",
-          "attack.methods.pgd_l2.steps=10", "attack.methods.pgd_l2.rel_stepsize=0.2", f"attack.epsilons.l2=[{','.join(map(str, L2_EPS))}]",
-          f"attack.epsilons.linf=[{','.join(map(str, LINF_EPS))}]"]
+L2_EPS, LINF_EPS = TRAINED_RUN_L2_EPS, TRAINED_RUN_LINF_EPS
 
 
 def read_csv(path) -> list[dict]:
@@ -34,12 +30,17 @@ def read_per_image(run_dir) -> list[dict]:
     return [{**a, **b} for a, b in zip(attacks, bounds)]
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """One epoch of cnn_small on 512 mnist5k images, then ddn, pgd_l2, fgsm on 40 test images and nn."""
-    run_dir = tmp_path_factory.mktemp("run")
-    metrics = run(compose_config(*ATTACK, "eval.nn=true"), run_dir=run_dir)
-    return run_dir, metrics
+@pytest.fixture
+def trained(trained_run):
+    """(folder, metrics) of one epoch of cnn_small on 512 mnist5k images, then ddn, pgd_l2, fgsm on 40 test
+    images and nn: the session's run, read-only."""
+    return trained_run.folder, trained_run.metrics
+
+
+@pytest.fixture
+def trained_copy(trained_run, tmp_path):
+    """(folder, metrics) of a copy of the session's run, for a test that writes into it."""
+    return copy_run(trained_run.folder, tmp_path / "run"), trained_run.metrics
 
 
 def test_training_run_reports_every_key(trained):
@@ -124,8 +125,8 @@ def test_nn_csv(trained):
     assert all(row["linf"] <= row["l2"] for row in rows)
 
 
-def test_evaluate_mode_adds_attacks_to_an_existing_run(trained):
-    run_dir, _ = trained
+def test_evaluate_mode_adds_attacks_to_an_existing_run(trained_copy):
+    run_dir, _ = trained_copy
     before = json.loads((run_dir / "summary.json").read_text())
     metrics = run(compose_config("mode=evaluate", f"run_dir={run_dir}", "attack=deepfool_l2", "attack.n=20",
                                  "attack.methods.deepfool_l2.steps=10"))
@@ -140,18 +141,19 @@ def test_evaluate_mode_adds_attacks_to_an_existing_run(trained):
     assert after["cert/median_l2"] == pytest.approx(torch.tensor([r["certified_l2"] for r in rows]).median().item())
 
 
-def test_evaluating_an_unfinished_run_says_so(trained, tmp_path, caplog):
-    """A run killed before its summary (say, during its final evaluation) can be evaluated, with a warning."""
+def test_evaluating_a_run_without_summary_refuses_and_says_how_to_finish_it(trained, tmp_path):
+    """A run killed before its summary (say, during its final evaluation): mode=evaluate would merge its
+    keys into a summary with no status and no best epoch, so it refuses, naming the command that
+    finishes the run (tests/integration/test_train_loop.py follows that advice)."""
     shutil.copytree(trained[0] / "checkpoints", tmp_path / "checkpoints")
-    with caplog.at_level(logging.WARNING, logger="tulip.evaluate.modes"):
-        metrics = run(compose_config("mode=evaluate", f"run_dir={tmp_path}", "attack=none", "attack.n=10"))
-    written = json.loads((tmp_path / "summary.json").read_text())
-    assert written["cert/median_l2"] == pytest.approx(metrics["cert/median_l2"]) and "status" not in written
-    assert "its training has not finished (summary.json status: None)" in caplog.text
+    with pytest.raises(RunFolderError, match="has no summary.json") as refused:
+        run(compose_config("mode=evaluate", f"run_dir={tmp_path}", "attack=none", "attack.n=10"))
+    assert f"hydra.run.dir={tmp_path}" in str(refused.value) and "resumes" in str(refused.value)
+    assert not (tmp_path / "summary.json").exists()
 
 
-def test_summary_mode_recomputes_the_original_statistics(trained, capsys):
-    run_dir, _ = trained
+def test_summary_mode_recomputes_the_original_statistics(trained_copy, capsys):
+    run_dir, _ = trained_copy
     metrics = run(compose_config("mode=summary", f"run_dir={run_dir}"))
     loaded = load_run(run_dir, torch.device("cpu"))
     with torch.no_grad():
@@ -172,33 +174,6 @@ def test_summary_mode_recomputes_the_original_statistics(trained, capsys):
     assert "summary/weights/l2_norm" in capsys.readouterr().out  # the printed table
 
 
-def test_second_order_estimate_for_a_smooth_model():
-    """Linear layer + bounded tanh head: smooth, so the second-order estimate is reported; with the
-    largest Hessian norm C > 0 it is below the image's own first-order radius (−ℓ)₊/‖∇ℓ‖."""
-    from tulip.evaluate import bounds
-    from tulip.nn.models import MLP
-
-    torch.manual_seed(0)
-    model = MLP(1, 10, 28, hidden=[], tanh=True).eval()
-    x, y = torch.rand(16, 1, 28, 28), torch.arange(16) % 10
-    metrics, columns = evaluate_bounds(model, x, y, batch_size=16, epsilons_l2=[0.5, 1.0])
-    assert metrics["bounds/hessian_norm_max"] > 0
-    grads = bounds.loss_gradients(model, x, y, 16)
-    own_first_order = (-grads.loss).clamp_min(0) / grads.grad_norm
-    second = torch.tensor(columns["second_order_l2"])
-    assert (second <= own_first_order + 1e-6).all() and (second > 0).any()
-    assert metrics["bounds/second_order_median"] == pytest.approx(second.median().item())
-
-
-def test_nothing_configured_returns_nothing_and_writes_nothing(tmp_path):
-    cfg = compose_config("eval.bounds=false")  # and attack=none, eval.nn=false
-    evaluation = build_evaluation(cfg)
-    assert evaluation.families == ()
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
-    assert evaluation(model, load_dataset(cfg.dataset, torch.device("cpu")), RunFolder(tmp_path)) == {}
-    assert not list(tmp_path.iterdir())
-
-
 def test_bounds_have_their_own_switch(tmp_path):
     """Without any attack the bounds still run (eval.bounds defaults to on), on the first attack.n images."""
     metrics = run(compose_config("attack.n=30"), tmp_path)
@@ -206,8 +181,8 @@ def test_bounds_have_their_own_switch(tmp_path):
     assert len(read_csv(tmp_path / "bounds.csv")) == 30 and not (tmp_path / "attacks.csv").exists()
 
 
-def test_tracker_gets_the_robust_error_curves(trained):
-    run_dir, _ = trained
+def test_tracker_gets_the_robust_error_curves(trained_copy):
+    run_dir, _ = trained_copy
 
     class RecordingTracker:
         def __init__(self):
@@ -228,25 +203,6 @@ def test_tracker_gets_the_robust_error_curves(trained):
                     [0.3, metrics["attack/fgsm/error_pct_linf@0.3"]]]
 
 
-@pytest.mark.parametrize("override, key", [
-    ("attack.n=0", "attack.n"),
-    ("attack.batch_size=0", "attack.batch_size"),
-    ("attack.epsilons.l2=[]", "attack.epsilons.l2"),
-    ("attack.epsilons.linf=[-0.1]", "attack.epsilons.linf"),
-    ("+attack.methods.ddn.stepz=3", "attack.methods.ddn"),
-    ("attack.methods.ddn.steps=nan", "attack.methods.ddn.steps=nan"),
-    ("attack.methods.ddn.steps=-1", "attack.methods.ddn.steps=-1"),
-    ("attack.methods.ddn.gamma=inf", "attack.methods.ddn.gamma=inf"),
-    ("+attack.methods.typo=3", "attack.methods.typo"),
-    ("+attack.typo=3", "attack.typo"),
-    ("eval.nn=maybe", "eval.nn"),
-    ("eval.bounds=1", "eval.bounds"),
-])
-def test_bad_attack_config_names_the_key(override, key):
-    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        build_evaluation(compose_config("attack=ddn", override))
-
-
 def test_bad_run_folders(tmp_path, trained):
     with pytest.raises(FileNotFoundError, match="run_dir"):
         run(compose_config("mode=evaluate", f"run_dir={tmp_path}", "attack=ddn"))
@@ -259,10 +215,3 @@ def test_bad_run_folders(tmp_path, trained):
     torch.save(state, tmp_path / "checkpoints" / "best.pt")
     with pytest.raises(ConfigError, match="does not fit"):
         run(compose_config("mode=summary", f"run_dir={tmp_path}"))
-
-
-def test_default_attack_option_is_a_quick_ddn():
-    cfg = compose_config("attack=default")
-    assert cfg.attack.n == 200 and cfg.attack.methods.ddn._target_ == "tulip.evaluate.attacks.ddn"
-    assert set(build_evaluation(cfg).attacks) == {"ddn"}
-    assert build_evaluation(compose_config("attack=none")).attacks == {}

@@ -1,7 +1,8 @@
 """The GPU training path's settings, checked on the CPU: `precision=bf16` (autocast), `channels_last` and
 `compile`. Each is decided once per run (tulip.train.step.prepare_step); the per-epoch measurements, the
-checkpoints and the final evaluation stay float32 on the plain model. tests/system/test_cuda.py repeats the
-precision and compile checks on a GPU."""
+checkpoints and the final evaluation stay float32 on the plain model. That bf16 computes each objective as
+float32 does is tests/unit/test_bf16_objective.py; a real torch.compile is tests/system/test_compile.py;
+tests/system/test_cuda.py repeats the precision and compile checks on a GPU."""
 import copy
 import dataclasses
 import logging
@@ -10,62 +11,24 @@ import pytest
 import torch
 
 import tulip.train.loop
-from conftest import BF16_CASES, SHRINK, build_model_option, compose_config, objective_in_fp32_and_bf16
+from conftest import SHRINK, build_model_option, compile_records, compose_config
 from tulip.config import ConfigError
 from tulip.data import load_dataset
 from tulip.nn.lipschitz import layer_norm_bound
 from tulip.main import run
 from tulip.train.objective import Objective, build_objective
-from tulip.runs.folder import RunFolder, load_run
+from tulip.runs.folder import RunFolder
 from tulip.runs.tracking import RunContext
 from tulip.train.step import prepare_step
 from tulip.train.loop import train, train_one_epoch
 
 CPU = torch.device("cpu")
-# bf16 keeps 8 significant bits (0.4 % rounding per value). Every loss and penalty of BF16_CASES agrees
-# with float32 within 0.4 %; a penalty left to bf16's rounding where it subtracts nearby values was
-# 3 % (TRADES' KL) to 30x (the finite-difference penalty) off.
-BF16_REL = 1e-2
 # Runs of one training step (64 images, batch 64) without the final evaluation's bounds: what these tests
 # check is the training step.
 ONE_STEP = ["dataset.train_subset=64", "eval.bounds=false"]
 
 
-def compile_records(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "tulip.train.loop" and "compile" in r.getMessage()]
-
-
-@pytest.fixture
-def compile_calls(monkeypatch):
-    """The models torch.compile was called on (it still compiles them)."""
-    calls, real = [], torch.compile
-
-    def spy(model, *args, **kwargs):
-        calls.append(model)
-        return real(model, *args, **kwargs)
-
-    monkeypatch.setattr(torch, "compile", spy)
-    return calls
-
-
 # --- precision ---------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("model_name, regularizer", BF16_CASES)
-def test_bf16_objective_computes_what_float32_computes(model_name, regularizer):
-    """Same weights, batch and random draws: the loss and every penalty (double backprop, input-gradient
-    batches, GloRo's K, TRADES' KL, finite differences) under bf16 autocast are float32's to 1 %."""
-    (fp32, fp32_gradient), (bf16, bf16_gradient) = objective_in_fp32_and_bf16(model_name, regularizer, "cpu")
-    # the bf16 step really ran in bf16: without autocast every comparison below would pass trivially
-    assert fp32.logits.dtype == torch.float32 and bf16.logits.dtype == torch.bfloat16
-    assert bf16.loss.item() == pytest.approx(fp32.loss.item(), rel=BF16_REL)
-    assert bf16.logs.keys() == fp32.logs.keys()
-    for name, value in fp32.logs.items():
-        assert bf16.logs[name].item() == pytest.approx(value.item(), rel=BF16_REL), name
-    if model_name == "cnn_4c3f":
-        # The weight gradients too (through the double backprop of lip and gradnorm). Not on cnn_small:
-        # BatchNorm's backward in bf16 moves its conv layers' gradients by 7-8 % with no regularizer at
-        # all, which is bf16's rounding, not the objective's.
-        assert (bf16_gradient - fp32_gradient).norm() <= 5e-2 * fp32_gradient.norm()
 
 
 def test_bf16_trains_under_autocast_and_measures_in_float32(tmp_path, monkeypatch):
@@ -167,25 +130,6 @@ def test_channels_last_trains_the_same_step_and_keeps_the_bounds(monkeypatch):
 
 
 # --- compile -----------------------------------------------------------------------------------------
-
-@pytest.mark.slow
-def test_compile_trains_the_step_eager_trains(tmp_path, caplog, compile_calls):
-    """compile=true with a single-backprop objective: the step runs through torch.compile, its loss is the
-    eager step's, and the checkpoint holds the plain model's state_dict. Where torch.compile cannot run
-    (no C compiler), the run falls back to the eager model with one log line and still trains."""
-    caplog.set_level(logging.INFO, logger="tulip.train.loop")
-    eager = run(compose_config(*ONE_STEP), tmp_path / "eager")
-    compiled = run(compose_config(*ONE_STEP, "compile=true"), tmp_path / "compiled")
-    assert len(compile_calls) == 1
-    records = compile_records(caplog)
-    if records:  # the fallback: say why, once
-        assert len(records) == 1 and "torch.compile failed" in records[0], records
-    assert compiled["train/loss"] == pytest.approx(eager["train/loss"], rel=1e-5)
-    saved = RunFolder(tmp_path / "compiled").load_checkpoint("last")["model"]
-    assert saved.keys() == RunFolder(tmp_path / "eager").load_checkpoint("last")["model"].keys()
-    assert not any(key.startswith("_orig_mod") for key in saved)
-    load_run(tmp_path / "compiled", CPU)  # a plain model loads it
-
 
 def test_compile_falls_back_for_double_backprop(tmp_path, caplog, compile_calls):
     caplog.set_level(logging.INFO, logger="tulip.train.loop")

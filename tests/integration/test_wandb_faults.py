@@ -3,13 +3,9 @@
 The runs are real (tiny) training runs and real W&B runs; "no network" is a local W&B server address
 that refuses connections or accepts them and never answers, so no test needs or touches the internet.
 """
-import base64
 import json
 import logging
-import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -17,17 +13,16 @@ from pathlib import Path
 import pytest
 import wandb
 
-from conftest import ROOT, TINY, compose_config
+from conftest import compose_config
 from tulip.main import run
 from tulip.runs.folder import RunFolder
 from tulip.runs.tracking import RunContext, Tracker
-from support.wandb_records import history, records, run_file
+from support.api_key import API_KEY, BASIC_AUTH_TOKEN, assert_no_file_holds_the_key
+from support.wandb_records import history, run_file
 
 # A few seconds per run: no bounds, a small MLP, fewer images.
 FAST = ["eval.bounds=false", "model=mlp", "model.hidden=[32,16]", "dataset.train_subset=256",
         "dataset.test_subset=100"]
-# Recognisable, and in the format W&B accepts (40+ word characters), so W&B really uses it.
-API_KEY = "TULIPDUMMYAPIKEY_" + "0123456789" * 4
 INIT_TIMEOUT_S = 2
 # Over INIT_TIMEOUT_S, a fallback run spends about 2 s here: the tiny run, W&B's service start and
 # the offline run. 8 s leaves room for a loaded machine but fails if W&B's own 90 s default
@@ -95,15 +90,6 @@ def assert_finished_with_metrics(run_dir: Path, metrics: dict) -> None:
     assert metrics["test/error_pct"] == summary["test/error_pct"] == rows[0]["test/error_pct"]
 
 
-def assert_no_file_holds_the_key(run_dir: Path) -> None:
-    """The key, raw or as the HTTP basic-auth token W&B sends, in no file, text or binary."""
-    secrets = [API_KEY.encode(), base64.b64encode(f"api:{API_KEY}".encode())]
-    files = [path for path in run_dir.rglob("*") if path.is_file()]
-    assert any(path.suffix == ".wandb" for path in files) and any(path.suffix == ".pt" for path in files)
-    leaks = [str(path) for path in files for secret in secrets if secret in path.read_bytes()]
-    assert not leaks, f"the API key is written in {leaks}"
-
-
 def fail(point: str):
     def failing(*args, **kwargs):
         raise wandb.Error(f"simulated W&B failure at {point}")
@@ -140,7 +126,7 @@ def test_online_without_network_falls_back_to_offline(tmp_path, caplog, unreacha
     (online,) = (tmp_path / "wandb").glob("run-*")  # the online run that did not start
     assert path.parent.name.endswith(online.name.rsplit("-", 1)[-1] + "offline")
     if unreachable is not None:  # the key was in use: W&B sent it to the silent server
-        assert base64.b64encode(f"api:{API_KEY}".encode()) in bytes(unreachable)
+        assert BASIC_AUTH_TOKEN in bytes(unreachable)
     assert_no_file_holds_the_key(tmp_path)
 
 
@@ -157,17 +143,3 @@ def test_fallback_and_its_online_run_are_one_attempt(tmp_path, unreachable):
     second = Tracker(compose_config(*FAST, "wandb.mode=offline"), folder, context)
     second.finish({}, failed=False)
     assert second.run.name == "seed=1-attempt2"
-
-
-def test_offline_job_folder_holds_no_api_key(tmp_path):
-    """`python run.py` as a job runs it: Hydra's .hydra/ files and job log are in the folder too."""
-    out_dir = tmp_path / "job"
-    result = subprocess.run(
-        [sys.executable, "run.py", *[o for o in TINY if not o.startswith("wandb.")], *FAST,
-         "wandb.mode=offline", f"hydra.run.dir={out_dir}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-        env={**os.environ, "WANDB_API_KEY": API_KEY, "TQDM_DISABLE": "1"})
-    assert result.returncode == 0, result.stderr
-    assert (out_dir / ".hydra" / "config.yaml").is_file() and (out_dir / "run.log").is_file()
-    assert any(r.WhichOneof("record_type") == "exit" for r in records(run_file(out_dir)))
-    assert_no_file_holds_the_key(out_dir)

@@ -10,7 +10,7 @@ POINT says where the process dies, the TIMES-th time (default 1) it gets there:
     evaluation        during the final evaluation (after the attacks, before bounds.csv is written)
     summary_write     with summary.json's temporary file complete but not yet renamed
     hold              never dies: sleeps in the first measurements, holding the folder's lock
-The job is JOB below; every process that runs it computes the same thing (CPU, one thread, seed 0).
+The job is conftest.FAULT_JOB; every process that runs it computes the same thing (CPU, one thread, seed 0).
 """
 import io
 import os
@@ -26,11 +26,8 @@ import torch  # noqa: E402
 
 import tulip.runs.folder  # noqa: E402
 import tulip.train.loop  # noqa: E402
-from conftest import compose_config  # noqa: E402
+from conftest import FAULT_JOB as JOB, compose_config  # noqa: E402
 from tulip.main import run  # noqa: E402
-
-JOB = ["epochs=3", "attack=ddn", "attack.n=20", "attack.methods.ddn.steps=10", "scheduler.milestones=[2]"]
-
 
 def die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)

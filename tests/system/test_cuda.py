@@ -27,7 +27,7 @@ from tulip.data import load_dataset  # noqa: E402
 from tulip.nn.lipschitz import layer_norm_bound  # noqa: E402
 from tulip.main import run  # noqa: E402
 from tulip.train.objective import build_objective  # noqa: E402
-from tulip.runs.folder import load_run  # noqa: E402
+from tulip.build import load_run  # noqa: E402
 from tulip.train.step import prepare_step
 from tulip.train.loop import train_one_epoch  # noqa: E402
 
@@ -105,7 +105,7 @@ def test_the_bf16_channels_last_compiled_loop_never_waits_for_the_device(regular
 
 @pytest.mark.parametrize("model_name, regularizer", BF16_CASES)
 def test_bf16_objective_on_cuda_computes_what_float32_computes(model_name, regularizer, monkeypatch):
-    """tests/integration/test_gpu_path.py's check on the GPU: under bf16 autocast the loss and every penalty are
+    """tests/unit/test_bf16_objective.py's check on the GPU: under bf16 autocast the loss and every penalty are
     float32's to 1 % (TF32 off, so that the reference is float32)."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
@@ -115,7 +115,7 @@ def test_bf16_objective_on_cuda_computes_what_float32_computes(model_name, regul
     assert bf16.logs.keys() == fp32.logs.keys()
     for name, value in fp32.logs.items():
         assert bf16.logs[name].item() == pytest.approx(value.item(), rel=1e-2), name
-    if model_name == "cnn_4c3f":  # BatchNorm-free: the weight gradients too (see tests/integration/test_gpu_path.py)
+    if model_name == "cnn_4c3f":  # BatchNorm-free: the weight gradients too (see tests/unit/test_bf16_objective.py)
         assert (bf16_gradient - fp32_gradient).norm() <= 5e-2 * fp32_gradient.norm()
 
 
@@ -235,7 +235,7 @@ def test_an_interrupted_gpu_run_resumes_exactly(tmp_path, monkeypatch, regulariz
 def test_a_local_sweep_trains_its_jobs_side_by_side_on_the_gpu(tmp_path):
     """hydra/launcher=local forks its jobs from the sweep's process, which must not have initialised
     CUDA (a forked child could not): two jobs at once with device=cuda both train and finish."""
-    from test_sweeps import TINY, job_folders, output_of, read_summary, run_tulip
+    from support.jobs import TINY_JOB as TINY, job_folders, output_of, read_summary, run_tulip
     sweep_dir = tmp_path / "sweep"
     result = run_tulip(["-m", "seed=0,1", *TINY, "device=cuda", "hydra/launcher=local",
                         "hydra.launcher.array_parallelism=2", f"hydra.sweep.dir={sweep_dir}"],

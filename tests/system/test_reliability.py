@@ -1,7 +1,8 @@
-"""Faults lose nothing and let nothing in: a run killed anywhere resumes to the uninterrupted result, a
-damaged file stops the run naming it and is left as it is, a checkpoint never runs code, one process
-writes a folder, a full disk keeps the last good checkpoint, and a sweep with failures reports exactly
-them and resumes the rest. Kills are real SIGKILLs of separate processes (tests/support/fault_driver.py)."""
+"""Faults lose nothing: a run killed anywhere resumes to the uninterrupted result, a damaged checkpoint
+fails the command line and a damaged metrics file is rebuilt, one process writes a folder, and a sweep
+with failures reports exactly them and resumes the rest. Kills are real SIGKILLs of separate processes
+(tests/support/fault_driver.py). The damaged and hostile folders in this process are
+tests/integration/test_damaged_runs.py."""
 import json
 import os
 import random
@@ -13,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, compose_config
-from support.fault_driver import JOB
+from conftest import FAULT_JOB, ROOT, compose_config, copy_run
+from support.damage import truncate
 from tulip.main import run
 from tulip.runs.folder import RunFolder, RunFolderError
 
@@ -48,7 +49,7 @@ def assert_never_half_written(folder: Path) -> None:
 
 @pytest.fixture(scope="module")
 def uninterrupted_run(tmp_path_factory) -> tuple[dict, float]:
-    """The outcome of JOB run once without faults, and how long its process took."""
+    """The outcome of FAULT_JOB run once without faults, and how long its process took."""
     folder = tmp_path_factory.mktemp("uninterrupted")
     started = time.time()
     assert drive(folder).returncode == 0
@@ -103,7 +104,7 @@ def test_one_writer_per_folder_and_a_dead_writers_lock_is_taken_over(tmp_path):
             assert time.time() < deadline and holder.poll() is None, "the first run never took the lock"
             time.sleep(0.2)
         started = time.time()
-        for second in (compose_config(*JOB), compose_config("mode=summary", f"run_dir={tmp_path}")):
+        for second in (compose_config(*FAULT_JOB), compose_config("mode=summary", f"run_dir={tmp_path}")):
             with pytest.raises(RunFolderError, match=f"{tmp_path}.*pid {holder.pid}"):
                 run(second, tmp_path)
         assert time.time() - started < 10  # refused at once, not after waiting
@@ -111,43 +112,21 @@ def test_one_writer_per_folder_and_a_dead_writers_lock_is_taken_over(tmp_path):
     finally:
         holder.kill()
         holder.wait()
-    metrics = run(compose_config(*JOB), tmp_path)  # the dead holder's lock is taken over
+    metrics = run(compose_config(*FAULT_JOB), tmp_path)  # the dead holder's lock is taken over
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "finished"
     assert metrics["test/error_pct"] < 100
 
 
 @pytest.fixture
-def interrupted(tmp_path, monkeypatch) -> Path:
-    """A folder holding epoch 1 of JOB, as after a preemption in epoch 2."""
-    from conftest import run_interrupted_in_second_epoch
-    run_interrupted_in_second_epoch(compose_config(*JOB), tmp_path, monkeypatch)
-    return tmp_path
-
-
-def truncate(path: Path) -> None:
-    path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
-
-
-def scramble(path: Path) -> None:
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2: len(data) // 2 + 64] = os.urandom(64)
-    path.write_bytes(bytes(data))
-
-
-@pytest.mark.parametrize("which, damage", [("last", truncate), ("best", scramble), ("last", scramble)])
-def test_a_damaged_checkpoint_stops_the_resume_naming_it_and_stays(interrupted, which, damage):
-    folder = RunFolder(interrupted)
-    damage(folder.checkpoint(which))
-    before = {p.name: p.read_bytes() for p in folder.checkpoint("last").parent.iterdir()}
-    with pytest.raises(RunFolderError, match=rf"{which}\.pt.*left as it is.*copy it over"):
-        run(compose_config(*JOB), interrupted)
-    assert {p.name: p.read_bytes() for p in folder.checkpoint("last").parent.iterdir()} == before
+def interrupted(interrupted_fault_job, tmp_path) -> Path:
+    """A copy of the session's folder holding epoch 1 of FAULT_JOB, as after a preemption in epoch 2."""
+    return copy_run(interrupted_fault_job, tmp_path / "run")
 
 
 def test_the_command_line_exits_non_zero_on_a_damaged_checkpoint(interrupted):
     truncate(RunFolder(interrupted).checkpoint("last"))
-    result = subprocess.run([sys.executable, "run.py", *JOB, "wandb.mode=disabled", "dataset.train_subset=512",
-                             "dataset.test_subset=200", "batch_size=64", "device=cpu",
+    result = subprocess.run([sys.executable, "run.py", *FAULT_JOB, "wandb.mode=disabled",
+                             "dataset.train_subset=512", "dataset.test_subset=200", "batch_size=64", "device=cpu",
                              f"hydra.run.dir={interrupted}"], cwd=ROOT, env=ENV, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode != 0 and "last.pt" in result.stderr and "copy it over" in result.stderr
@@ -156,74 +135,8 @@ def test_the_command_line_exits_non_zero_on_a_damaged_checkpoint(interrupted):
 def test_a_damaged_metrics_file_is_rebuilt_from_the_checkpoint(interrupted, uninterrupted):
     """metrics.jsonl is a copy of the checkpoint's history, so resuming rewrites it: nothing is lost."""
     (interrupted / "metrics.jsonl").write_text('{"epoch": 1, "test/err\n\x00garbage\n')
-    run(compose_config(*JOB), interrupted)
+    run(compose_config(*FAULT_JOB), interrupted)
     assert outcome(interrupted)["metrics"] == uninterrupted["metrics"]
-
-
-def test_a_damaged_summary_stops_evaluate_before_its_work_and_stays(tmp_path):
-    run(compose_config("epochs=1"), tmp_path)
-    (tmp_path / "summary.json").write_text('{"status": "finis')
-    with pytest.raises(RunFolderError, match="summary.json is not valid JSON.*left as it is"):
-        run(compose_config("mode=evaluate", f"run_dir={tmp_path}", "attack=ddn"))
-    assert (tmp_path / "summary.json").read_text() == '{"status": "finis'
-    assert not (tmp_path / "attacks.csv").exists()
-
-
-class Payload:
-    """Unpickling this runs a shell command: what a hostile checkpoint would do."""
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
-def test_a_checkpoint_that_would_run_code_is_refused_everywhere(tmp_path):
-    run(compose_config("epochs=1"), tmp_path)
-    marker = tmp_path.parent / "payload-ran"
-    folder = RunFolder(tmp_path)
-    for which in ("last", "best"):
-        state = torch.load(folder.checkpoint(which), weights_only=True)
-        torch.save({**state, "history": Payload(marker)}, folder.checkpoint(which))
-    for cfg in (compose_config("epochs=2"),  # resume
-                compose_config("mode=evaluate", f"run_dir={tmp_path}", "attack=ddn"),
-                compose_config("mode=summary", f"run_dir={tmp_path}")):
-        with pytest.raises(RunFolderError, match=r"cannot read checkpoint .*\.pt"):
-            run(cfg, tmp_path)
-        assert not marker.exists()
-    report = subprocess.run([sys.executable, "-m", "tulip.report", str(tmp_path), "--out", str(tmp_path / "r")],
-                            cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
-    assert report.returncode == 0, report.stderr
-    assert not marker.exists()
-
-
-def test_an_unwritable_output_folder_is_a_clear_error(tmp_path):
-    blocker = tmp_path / "a-file"
-    blocker.write_text("not a folder")
-    with pytest.raises(RunFolderError, match=f"cannot write the run folder {blocker / 'run'}"):
-        run(compose_config(), blocker / "run")
-
-
-def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    """The third checkpoint write (epoch 2's first) fails after writing part of its bytes."""
-    real_save, calls = torch.save, []
-
-    def disk_full_on_the_third(state, f):
-        calls.append(1)
-        if len(calls) == 3:
-            f.write(b"\x00" * 1000)
-            raise OSError(28, "No space left on device")
-        real_save(state, f)
-
-    monkeypatch.setattr(torch, "save", disk_full_on_the_third)
-    with pytest.raises(RunFolderError, match=r"(best|last)\.pt \(No space left on device\); the previous "
-                                             r"\1\.pt is intact"):
-        run(compose_config("epochs=3", "scheduler.milestones=[2]"), tmp_path)
-    for which in ("best", "last"):
-        assert RunFolder(tmp_path).load_checkpoint(which)["epoch"] == 1
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["status"] == "failed" and "No space left" in summary["error"]
-    assert not list(tmp_path.rglob("*.tmp"))
 
 
 def test_a_sweep_with_failures_reports_them_and_a_rerun_finishes_the_rest(tmp_path):

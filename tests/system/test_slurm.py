@@ -1,12 +1,13 @@
 """Sweeps on a real single-node SLURM cluster (tests/slurm/start.sh), through hydra-submitit-launcher.
 
-    python -m pytest -m slurm tests/system/test_slurm.py
+    bash tests/slurm/start.sh && python -m pytest -m slurm tests/system/test_slurm.py
 
-The module starts the cluster if it is not up (and then stops it at the end); .ci/run starts it once
-before the whole suite. Without root or apt-get the tests skip saying why, unless
-TULIP_REQUIRE_SLURM=1 (CI), where that is a failure. The cluster has no accounting, so submitit cannot
-see a job that died without a result: every run here is bounded by a timeout and cancelled after.
-Each test uses a fresh sweep folder, hence a fresh submitit folder (job ids restart with the cluster).
+The tests use a cluster that is already running and never install or start one: .ci/run starts it
+before the suite (as root; start.sh installs SLURM with apt-get where it is missing). Without a cluster
+the tests skip saying why, unless TULIP_REQUIRE_SLURM=1 (CI), where that is a failure. The cluster has no
+accounting, so submitit cannot see a job that died without a result: every run here is bounded by a
+timeout and cancelled after. Each test uses a fresh sweep folder, hence a fresh submitit folder (job ids
+restart with the cluster).
 """
 import json
 import os
@@ -19,13 +20,13 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from test_sweeps import (ROOT, RUN_PY, TINY, job_folders, output_of, read_summary, run_tulip,
-                         wandb_runs)
+from support.jobs import (ROOT, RUN_PY, TINY_JOB as TINY, job_folders, output_of, read_summary, run_tulip,
+                          wandb_runs)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 STATE = Path(os.environ.get("TULIP_SLURM_DIR", "/tmp/tulip-slurm"))
-START, STOP = ROOT / "tests" / "slurm" / "start.sh", ROOT / "tests" / "slurm" / "stop.sh"
+START = ROOT / "tests" / "slurm" / "start.sh"
 # The local cluster's launcher: slurm_gpu without GPUs, one CPU per job (OMP_NUM_THREADS=1).
 SLURM = ["hydra/launcher=slurm_local"]
 
@@ -40,19 +41,15 @@ def cluster_answers(env: dict) -> bool:
 
 @pytest.fixture(scope="module")
 def slurm_env():
+    """The environment that points SLURM's commands at the running test cluster."""
     env = {"SLURM_CONF": str(STATE / "slurm.conf")}
-    was_up = cluster_answers(env)
-    started = subprocess.run(["bash", str(START)], capture_output=True, text=True, timeout=600)
-    if started.returncode == 77:  # no root / no apt-get: this machine cannot run SLURM
-        reason = started.stderr.strip().splitlines()[-1]
+    if not cluster_answers(env):
+        reason = (f"no SLURM cluster answers with SLURM_CONF={env['SLURM_CONF']}; "
+                  "start one first: bash tests/slurm/start.sh (as root)")
         if os.environ.get("TULIP_REQUIRE_SLURM") == "1":
             pytest.fail(f"TULIP_REQUIRE_SLURM=1 but {reason}")
         pytest.skip(reason)
-    assert started.returncode == 0, f"start.sh failed:\n{started.stdout}\n{started.stderr}"
-    assert f"export SLURM_CONF={STATE / 'slurm.conf'}" in started.stdout
-    yield env
-    if not was_up:
-        subprocess.run(["bash", str(STOP)], timeout=120)
+    return env
 
 
 def slurm(args: list[str], env: dict, timeout: float = 30) -> str:
@@ -216,7 +213,7 @@ def test_interrupted_jobs_resume_and_match_an_uninterrupted_run(tmp_path, slurm_
 def test_multi_objective_study_through_slurm(tmp_path, slurm_env):
     """hydra/sweeper=optuna on the cluster: 6 trials in batches of 3 SLURM jobs, each told to the study."""
     import optuna
-    from test_study import MO_TINY, OBJECTIVES, assert_report_draws_the_front
+    from support.study import MO_TINY, OBJECTIVES, assert_report_draws_the_front
     sweep_dir = tmp_path / "study"
     args = [*MO_TINY, *SLURM, "hydra.sweeper.n_trials=6", "hydra.sweeper.n_jobs=3",
             "hydra.sweeper.sampler.population_size=3"]

@@ -1,8 +1,12 @@
-"""The codebase's own rules: no import cycle in tulip/, no module over 400 lines, and a project that
-speaks for itself (no file points at issue numbers or at notes outside the repository)."""
+"""The codebase's own rules: no import cycle in tulip/, each layer importing only the layers below it,
+no module over 400 lines, docs/architecture.md naming every module, and a project that speaks for
+itself (no file points at issue numbers or at notes outside the repository)."""
 import ast
 import re
 import subprocess
+import sys
+
+import pytest
 
 from conftest import ROOT
 
@@ -80,3 +84,62 @@ def test_no_file_points_outside_the_repository():
             offending += [f"{name}:{i}" for i, line in enumerate(path.read_text(errors="ignore").splitlines(), 1)
                           if pattern.search(line) and path.name != "test_architecture.py"]
     assert not offending
+
+
+# Each layer and the only other parts of tulip its modules may import (its own modules always). The
+# run-folder layer is files only: it builds no data or model (tulip.build does) and knows no training;
+# nn/ is plain torch modules and math; launching a sweep never needs the report's plotting stack.
+LAYER_MAY_IMPORT = {
+    "tulip.schema": (),  # the rules every config value is checked against
+    "tulip.runs": (),
+    "tulip.nn": ("tulip.schema",),
+    "tulip.launch": ("tulip.runs", "tulip.schema"),
+    "tulip.report": ("tulip.runs",),
+}
+# Entry points and tools: nothing inside the package depends on them
+ON_TOP = ("tulip.main", "tulip.run", "tulip.bench", "tulip.report")
+
+
+def within(module: str, layer: str) -> bool:
+    return module == layer or module.startswith(layer + ".")
+
+
+def test_each_layer_imports_only_what_it_may():
+    broken = [f"{name} imports {target}"
+              for name, targets in import_graph().items()
+              for layer, allowed in LAYER_MAY_IMPORT.items() if within(name, layer)
+              for target in targets
+              if not within(target, layer) and not any(within(target, a) for a in allowed)]
+    assert not broken
+
+
+def test_nothing_in_the_package_imports_its_entry_points_or_tools():
+    broken = [f"{name} imports {target}"
+              for name, targets in import_graph().items()
+              for target in targets
+              for top in ON_TOP if within(target, top) and not within(name, top)
+              if not (top == "tulip.main" and name == "tulip.run")]  # tulip.run is the entry point to main
+    assert not broken
+
+
+def test_the_layer_rules_catch_a_forbidden_import(monkeypatch):
+    graph = import_graph()
+    graph["tulip.runs.folder"] = graph["tulip.runs.folder"] | {"tulip.data"}
+    monkeypatch.setattr(sys.modules[__name__], "import_graph", lambda: graph)
+    with pytest.raises(AssertionError):
+        test_each_layer_imports_only_what_it_may()
+
+
+ARCHITECTURE = ROOT / "docs" / "architecture.md"
+MODULE_PATH = re.compile(r"`((?:tulip|hydra_plugins)/[\w/]*?(?:\.py|/))`")
+
+
+def test_the_architecture_map_names_every_module_and_only_real_ones():
+    """docs/architecture.md is the map of the folders: every module under tulip/ is named there by its
+    path (`tulip/runs/folder.py`), and every path it names exists."""
+    named = set(MODULE_PATH.findall(ARCHITECTURE.read_text()))
+    assert named, "no `tulip/...` paths found in docs/architecture.md"
+    missing = sorted(p.relative_to(ROOT).as_posix() for p in PACKAGE.rglob("*.py")
+                     if p.name != "__init__.py" and p.relative_to(ROOT).as_posix() not in named)
+    invented = sorted(path for path in named if not (ROOT / path).exists())
+    assert not missing and not invented, f"not in the map: {missing}; in the map but not in tulip/: {invented}"

@@ -1,60 +1,22 @@
 """Foolbox attack wrappers: distances are real adversarial norms, 0 for misclassified, +inf on failure."""
 import inspect
-from pathlib import Path
 
 import foolbox
 import pytest
 import torch
-import torch.nn.functional as F
 from hydra.utils import get_method, instantiate
-from omegaconf import OmegaConf
 
+from support.attacks import ATTACK_NAMES, attack_config
 from tulip.evaluate import attacks
 from tulip.evaluate.attacks import attack_distances, perturbation_norms
 from tulip.runs.metric_keys import NORMS
-from tulip.data import mnist5k
-from tulip.nn.models import MLP
 
-ATTACK_DIR = Path(__file__).resolve().parents[2] / "conf" / "attack"
-NOT_ATTACKS = {"none", "default"}
-# The Foolbox options: those built by tulip.evaluate.attacks (the AutoAttack ones: tests/unit/test_autoattack.py).
-ATTACK_NAMES = sorted(p.stem for p in ATTACK_DIR.glob("*.yaml") if p.stem not in NOT_ATTACKS
-                      and str(OmegaConf.load(p).get("_target_", "")).startswith("tulip.evaluate.attacks."))
 # Small step counts: these tests check the plumbing, not attack strength.
 FAST = {"pgd_linf": {"steps": 10, "rel_stepsize": 0.2}, "pgd_l2": {"steps": 10, "rel_stepsize": 0.2},
         "ddn": {"steps": 20}, "cw_l2": {"binary_search_steps": 3, "steps": 20, "stepsize": 0.05},
         "deepfool_l2": {"steps": 10}, "deepfool_linf": {"steps": 10}, "fmn_l2": {"steps": 20},
         "fmn_linf": {"steps": 20}, "boundary": {"steps": 50}, "fgsm": {}}
 EPSILONS = {"l2": [0.5, 1.0, 2.0, 4.0], "linf": [0.05, 0.1, 0.3, 0.6]}
-
-
-def attack_config(name: str) -> dict:
-    """conf/attack/<name>.yaml without its defaults list and Hydra header."""
-    cfg = OmegaConf.to_container(OmegaConf.load(ATTACK_DIR / f"{name}.yaml"))
-    cfg.pop("defaults", None)
-    return cfg
-
-
-@pytest.fixture(scope="module")
-def model_and_images():
-    """A linear-ish MLP after one quick epoch on mnist5k, and 24 test images, 3 of them misclassified
-    on purpose (their labels are changed)."""
-    torch.manual_seed(0)
-    digits = mnist5k(train_subset=2000)
-    model = MLP(1, 10, 28, hidden=[32])
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    for start in range(0, 2000, 100):
-        loss = F.cross_entropy(model(digits.train_x[start:start + 100]), digits.train_y[start:start + 100])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
-    x = digits.test_x[:40]
-    predicted = model(x).argmax(1)
-    keep = (predicted == digits.test_y[:40]).nonzero().squeeze(1)[:24]  # correctly classified ones
-    x, y = x[keep], predicted[keep].clone()
-    y[:3] = (y[:3] + 1) % 10  # now misclassified
-    return model, x, y
 
 
 def test_attack_options_are_the_documented_ten():
@@ -136,4 +98,4 @@ def test_batched_equals_one_image_per_call(model_and_images):
 
 def test_bad_norm_is_rejected():
     with pytest.raises(ValueError, match="norm"):
-        attacks.Attack(foolbox.attacks.DDNAttack(), "l1")
+        attacks.FoolboxAttack(foolbox.attacks.DDNAttack(), "l1")

@@ -114,7 +114,7 @@ CORRUPTED = r"^dataset test_bad_data\.corrupted_mnist5k: "
     ("label_10", CORRUPTED + r"train_y holds labels in \[0, 10\] \(the first outside: image 11\)"),
     ("no_test_images", CORRUPTED + r"the test set is empty"),
     # a training set smaller than one batch: no step could be taken
-    ("ten_images", r"^batch_size=64 is invalid: the training set .*has only 10 images"),
+    ("ten_images", r"^batch_size=64 is invalid: expected at most the training set's size .*only 10 training images"),
 ])
 def test_bad_data_fails_before_training(problem, message, tmp_path):
     with pytest.raises(ValueError, match=message) as error:

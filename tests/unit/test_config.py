@@ -11,7 +11,7 @@ from conftest import CONF_DIR, compose_config
 from tulip.config import ConfigError
 from tulip.data import load_dataset
 from tulip.main import run
-from tulip.runs.folder import build_model
+from tulip.build import build_model
 
 GROUPS = ("model", "dataset", "optim", "scheduler", "regularizer", "attack")
 
@@ -118,7 +118,7 @@ def test_bad_values_fail_before_any_output(override, key, tmp_path):
     cfg = compose_config(override)
     with pytest.raises(ConfigError) as error:
         run(cfg, tmp_path / "run")
-    assert str(error.value).startswith(f"{key}=")
+    assert error.value.key == key and str(error.value).startswith(f"{key}=")
     # nothing trained, nothing claims success: a training job's folder only says why it failed
     assert not (tmp_path / "run" / "checkpoints").exists()
     if cfg.mode == "train":
@@ -135,7 +135,15 @@ def test_cuda_without_cuda_is_a_clear_error(tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_an_optimizer_argument_torch_rejects_names_the_group(tmp_path):
-    with pytest.raises(ConfigError, match=r"^optim \(torch.optim.Adam\) is invalid: .*beta"):
+def test_an_optimizer_argument_outside_its_schema_names_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"^optim\.betas=\[1\.5, 0\.999\] is invalid: expected two numbers"):
         run(compose_config("optim=adam", "optim.betas=[1.5,0.999]"), tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "failed"
+
+
+def test_an_optimizer_argument_torch_rejects_names_the_group(tmp_path):
+    with pytest.raises(ConfigError, match=r"^optim='torch.optim.Adam' is invalid: expected arguments that "
+                                          r"torch.optim.Adam accepts .*foo") as error:
+        run(compose_config("optim=adam", "+optim.foo=1"), tmp_path / "run")
+    assert error.value.key == "optim" and error.value.__cause__ is None
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "failed"

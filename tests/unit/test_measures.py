@@ -1,5 +1,4 @@
 """Measures equal hand-computed values where they are known, and the layer bound really bounds."""
-import json
 import math
 
 import pytest
@@ -7,15 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import (SHRINK, build_model_option, compose_config, dense_matrix, exact_operator_norm,
-                      with_random_statistics)
-from tulip.runs import metric_keys
-from tulip.data import load_dataset
+from conftest import SHRINK, build_model_option, dense_matrix, exact_operator_norm, with_random_statistics
 from tulip.nn.lipschitz import (POWER_SAFETY, conv_norm_estimate, layer_norm_bound, layer_norm_estimate)
-from tulip.main import run
-from tulip.evaluate.measures import class_balanced_subset, measure, per_sample_loss_grad_norms
+from tulip.evaluate.measures import class_balanced_subset, measure
+from tulip.nn.perturbations import loss_input_grad
 from tulip.nn.models import BranchMean, ConvBN, GlobalAvgPool, Residual
-from tulip.runs.folder import RunFolder, build_model
 
 
 def build(name, overrides=(), channels=1, size=28, classes=10):
@@ -71,13 +66,7 @@ def test_per_sample_loss_grad_norms_closed_form(linear_model, p):
     model, x, y = linear_model
     model.eval()
     expected = closed_form_loss_grads(model.classifier.weight.detach(), model.classifier.bias.detach(), x, y)
-    torch.testing.assert_close(per_sample_loss_grad_norms(model, x, y, p), expected.norm(p=p, dim=1))
-
-
-def test_per_sample_loss_grad_norms_rejects_other_p(linear_model):
-    model, x, y = linear_model
-    with pytest.raises(ValueError, match="p must be"):
-        per_sample_loss_grad_norms(model, x, y, p=3)
+    torch.testing.assert_close(loss_input_grad(model, x, y).flatten(1).norm(p=p, dim=1), expected.norm(p=p, dim=1))
 
 
 def test_linear_model_with_bounded_head():
@@ -139,9 +128,9 @@ def test_measure_is_eval_mode_batch_independent_and_restores_mode():
     assert all(p.grad is None for p in model.parameters())  # input gradients only
     # the per-sample gradients are those of eval mode, one sample at a time
     model.eval()
-    one = per_sample_loss_grad_norms(model, x[:1], y[:1])
+    one = loss_input_grad(model, x[:1], y[:1]).flatten(1).norm(dim=1)
     assert small["lipschitz/loss_grad_max"] >= one.item() - 1e-6
-    norms = per_sample_loss_grad_norms(model, x, y)
+    norms = loss_input_grad(model, x, y).flatten(1).norm(dim=1)
     assert small["lipschitz/loss_grad_mean"] == pytest.approx(norms.mean().item(), rel=1e-4)
     assert norms[0].item() == pytest.approx(one.item(), rel=1e-4)
 
@@ -241,25 +230,3 @@ def test_class_balanced_subset_is_fixed_balanced_and_all_when_n_is_large():
     # as equal as the labels allow: class 2 has only 5 images, the others share the rest equally
     assert sorted(torch.bincount(y[subset]).tolist()) == [5, 9, 10]
     assert class_balanced_subset(y, 85) is None and class_balanced_subset(y, None) is None
-
-
-def test_per_epoch_figures_on_a_subset_every_k_epochs_and_the_summary_on_the_whole_set(tmp_path):
-    """eval.every=2, eval.n=50 over 3 epochs: test error every epoch, Lipschitz figures in epochs 2 and 3
-    (the last) from 50 images; the summary's figures are a full measurement of the last model."""
-    cfg = compose_config("epochs=3", "eval.every=2", "eval.n=50", "scheduler.milestones=[2]")
-    final = run(cfg, tmp_path)
-    rows = RunFolder(tmp_path).read_metrics()
-    assert [metric_keys.TEST_ERROR in r for r in rows] == [True, True, True]
-    assert [metric_keys.LOSS_GRAD_MAX in r for r in rows] == [False, True, True]
-    data = load_dataset(cfg.dataset, torch.device("cpu"))
-    last = build_model(cfg, data, torch.device("cpu"))
-    last.load_state_dict(RunFolder(tmp_path).load_checkpoint("last")["model"])
-    whole = measure(last, data.test_x, data.test_y, cfg.test_batch_size)
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    for key, value in whole.items():  # identical to a full measurement
-        assert final[key] == value and summary[key] == value, key
-    assert rows[-1][metric_keys.TEST_ERROR] == whole[metric_keys.TEST_ERROR]  # the error is on all images
-    assert rows[-1][metric_keys.LOSS_GRAD_MEAN] != whole[metric_keys.LOSS_GRAD_MEAN]  # the epoch's: 50 images
-    # the guaranteed bound only in the summary, its estimate every measured epoch
-    assert metric_keys.LAYER_NORM_PRODUCT not in rows[-1] and metric_keys.LAYER_NORM_ESTIMATE in rows[-1]
-    assert summary[metric_keys.LAYER_NORM_ESTIMATE] <= 1.1 * summary[metric_keys.LAYER_NORM_PRODUCT]

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from test_report import write_multirun, write_run
+from support.fake_runs import write_multirun, write_run
 from tulip import report
 from tulip.report.pareto import find_metric, front_axes, non_dominated
 from tulip.report.plots import DPI, WIDTH

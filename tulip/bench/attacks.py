@@ -21,12 +21,12 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 
 from tulip.evaluate import attacks
+from tulip.config_files import config_dir
 from tulip.data import mnist5k
 from tulip.evaluate.final import build_evaluation, error_curve
 from tulip.runs.metric_keys import NORMS
 from tulip.nn.models import CNNSmall
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
 def cpu_name() -> str:
@@ -106,7 +106,7 @@ def main(argv: list[str]) -> None:
 def time_option(option: str, overrides: list[str], model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
                 device: torch.device, sync) -> None:
     """Every attack of ``attack=<option>`` once on x, y: its time and robust error, then the ensemble's."""
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+    with initialize_config_dir(str(config_dir()), version_base="1.3"):
         cfg = compose("config", overrides=[f"attack={option}", f"attack.n={len(y)}", *overrides])
     evaluation = build_evaluation(cfg)
     epsilons = evaluation.settings.epsilons

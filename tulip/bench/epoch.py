@@ -11,19 +11,17 @@ the training epoch is what every epoch of a run pays for its curves.
 import argparse
 import statistics
 import time
-from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
 
 from tulip.bench.attacks import cpu_name
+from tulip.config_files import config_dir
 from tulip.data import load_dataset
 from tulip.evaluate.measures import class_balanced_subset, measure
 from tulip.train.objective import build_objective
-from tulip.runs.folder import build_model
+from tulip.build import build_model
 from tulip.train.loop import train_one_epoch
-
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
 def main(argv: list[str]) -> None:
@@ -45,7 +43,7 @@ def main(argv: list[str]) -> None:
 
     rows = []
     for name in args.models:
-        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        with initialize_config_dir(str(config_dir()), version_base="1.3"):
             cfg = compose("config", overrides=[f"model={name}", *args.set])
         data = load_dataset(cfg.dataset, device)
         torch.manual_seed(0)

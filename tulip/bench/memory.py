@@ -53,7 +53,7 @@ from tulip.bench.attacks import cpu_name
 from tulip.bench.regularizers import CONF, options
 from tulip.data import load_dataset
 from tulip.train.objective import build_objective
-from tulip.runs.folder import build_model
+from tulip.build import build_model
 
 MEASURED = "tulip.bench.memory: measured step"  # the record_function mark of the measured CPU step
 MiB = 2 ** 20

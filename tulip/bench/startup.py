@@ -1,12 +1,12 @@
 """``python -m tulip.bench startup``: where the default run's wall time goes.
 
-Runs ``python run.py`` (the default run: cnn_small on mnist5k, 8 epochs, DDN on 200 images, W&B
-offline; ``--set`` adds overrides) ``--rounds`` times, one after another, each in a fresh process and
+Runs ``python -m tulip.run`` (run.py's app, so it works from any install: the default run, cnn_small
+on mnist5k, 8 epochs, DDN on 200 images, W&B offline; ``--set`` adds overrides) ``--rounds`` times, one after another, each in a fresh process and
 folder, and splits each wall time with the phase times the run writes into summary.json:
 
 - Python, imports, config: from the process's start to the start of training (`time/job_start`): the
   interpreter, torch/Hydra/W&B imports, composing and checking the config, building the evaluation.
-  Its imports are also timed alone, in a process that only imports run.py.
+  Its imports are also timed alone, in a process that only imports the entry point.
 - data and model (`time/setup_s`), W&B start (`time/wandb_init_s`), training with its per-epoch
   measurements and checkpoints (`time/train_s`), the final whole-test-set measurements
   (`time/final_measure_s`), the attacks (`time/attacks_s`) and the bounds with the certificate
@@ -31,9 +31,9 @@ import torch
 from tulip.runs import metric_keys
 from tulip.bench.attacks import cpu_name
 
-ROOT = Path(__file__).resolve().parents[2]
+TULIP = [sys.executable, "-m", "tulip.run"]
 # The entry point's imports alone, timed inside the process (no interpreter start or exit)
-IMPORTS = "import time; start = time.perf_counter(); import run; print(time.perf_counter() - start)"
+IMPORTS = "import time; start = time.perf_counter(); import tulip.run; print(time.perf_counter() - start)"
 # row label -> summary.json key (None: computed from the wall time)
 PHASES = {
     "data and model": metric_keys.SETUP_TIME,
@@ -56,15 +56,15 @@ def timed_process(command: list[str], cwd: Path, env: dict) -> tuple[float, floa
 
 def one_round(workdir: Path, index: int, overrides: list[str], env: dict) -> dict[str, float]:
     folder = workdir / f"run{index}"
-    wall, started = timed_process([sys.executable, str(ROOT / "run.py"), f"hydra.run.dir={folder}", *overrides],
+    wall, started = timed_process([*TULIP, f"hydra.run.dir={folder}", *overrides],
                                   workdir, env)
     summary = json.loads((folder / "summary.json").read_text())
     row = {"Python, imports, config": summary["time/job_start"] - started}
     row.update({label: summary.get(key, 0.0) for label, key in PHASES.items()})
     row["W&B finish and exit"] = wall - row["Python, imports, config"] - summary["time/total_s"]
     row["wall"] = wall
-    done = subprocess.run([sys.executable, "-c", IMPORTS], cwd=ROOT, env=env, capture_output=True, text=True)
-    row["of which `import run` (torch, Hydra, W&B, Tulip)"] = float(done.stdout.split()[-1])
+    done = subprocess.run([sys.executable, "-c", IMPORTS], cwd=workdir, env=env, capture_output=True, text=True)
+    row["of which `import tulip.run` (torch, Hydra, W&B, Tulip)"] = float(done.stdout.split()[-1])
     return row
 
 
@@ -76,7 +76,7 @@ def main(argv: list[str]) -> None:
     env = {**os.environ, "TQDM_DISABLE": "1"}
     with tempfile.TemporaryDirectory(prefix="tulip-bench-startup-") as workdir:
         rows = [one_round(Path(workdir), i, args.set, env) for i in range(args.rounds)]
-    print(f"Default run's wall time: python run.py {' '.join(args.set)}; {cpu_name()}, "
+    print(f"Default run's wall time: python -m tulip.run {' '.join(args.set)}; {cpu_name()}, "
           f"{len(os.sched_getaffinity(0))} CPUs, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
           f"torch {torch.__version__}, Python {platform.python_version()}; medians of {args.rounds} rounds")
     print("\n| phase | s | share of wall |\n|---|---:|---:|")

@@ -1,9 +1,9 @@
 """``python -m tulip.bench sweep``: what a sweep costs beyond its training, per launcher.
 
-Runs the same 4-job grid (optim.lr x seed, `--epochs` (1) of mnist5k, no attack) through `python run.py -m`
-with Hydra's basic launcher, Tulip's `local` (one job per CPU at a time), submitit_local (every job at
-once) and the local SLURM cluster (when `scontrol ping` answers: see tests/slurm/start.sh), and reads
-each job's summary.json:
+Runs the same 4-job grid (optim.lr x seed, `--epochs` (1) of mnist5k, no attack) through
+`python -m tulip.run -m` (run.py's app, from any install) with Hydra's basic launcher, Tulip's `local`
+(one job per CPU at a time), submitit_local (every job at once) and the local SLURM cluster (when
+`scontrol ping` answers: see tests/slurm/start.sh), and reads each job's summary.json:
 
 - sweep wall time: from the command's start to its exit;
 - per-job overhead: from the moment the job could have started to its first training step
@@ -34,7 +34,7 @@ from pathlib import Path
 
 from tulip.launch.launcher import parallel_jobs
 
-ROOT = Path(__file__).resolve().parents[2]
+TULIP = [sys.executable, "-m", "tulip.run"]
 GRID = ["optim.lr=0.05,0.1", "seed=0,1"]  # 4 jobs of identical cost
 JOB = ["dataset=mnist5k", "attack=none"]
 LAUNCHERS = {"basic": [], "local": ["hydra/launcher=local"], "submitit_local": ["hydra/launcher=submitit_local"],
@@ -70,7 +70,7 @@ def run_sweep(name: str, extra: list[str], workdir: Path, timeout: float) -> dic
     # no OMP_NUM_THREADS from the caller's shell: each job's thread count is what Tulip chooses
     sweep_dir = workdir / name
     workdir.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, str(ROOT / "run.py"), "-m", *GRID, *JOB, *LAUNCHERS[name], *extra,
+    command = [*TULIP, "-m", *GRID, *JOB, *LAUNCHERS[name], *extra,
                f"hydra.sweep.dir={sweep_dir}"]
     submitted = time.time()
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}

@@ -18,7 +18,8 @@ Two kinds of attacks:
 The original ran Foolbox 1.x one image per call; Foolbox 3 attacks take a batch (see
 ``python -m tulip.bench attacks`` for what that buys). Each attack below is a small factory: its
 docstring names the paper, the norm and the defaults (which conf/attack/<name>.yaml repeats, so every
-parameter can be overridden, e.g. ``attack.methods.ddn.steps=100``).
+parameter can be overridden, e.g. ``attack.methods.ddn.steps=100``); its signature's types (tulip.schema)
+are the arguments' schema, checked before training and on every call.
 """
 import sys
 
@@ -26,9 +27,9 @@ import foolbox
 import torch
 from tqdm import tqdm
 
-from tulip.runs.metric_keys import NORMS
-from tulip.train.objective import boolean, nonnegative, positive, positive_int
 from tulip.nn.perturbations import frozen_eval
+from tulip.runs.metric_keys import NORMS
+from tulip.schema import Iterations, NonNegative, Positive, Switch, checked
 
 
 def perturbation_norms(delta: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -37,7 +38,7 @@ def perturbation_norms(delta: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"l2": flat.norm(p=2, dim=1), "linf": flat.abs().amax(dim=1)}
 
 
-class Attack:
+class FoolboxAttack:
     """A Foolbox 3 attack and the norm (``"l2"`` or ``"linf"``) it minimises or is budgeted in."""
 
     def __init__(self, foolbox_attack: foolbox.attacks.Attack, norm: str):
@@ -58,7 +59,7 @@ class Attack:
         return attack_distances(self, model, x, y, epsilons, batch_size)
 
 
-class MinimizationAttack(Attack):
+class MinimizationAttack(FoolboxAttack):
     """Searches for the smallest adversarial perturbation; ``epsilons`` is not used."""
 
     def adversarials(self, fmodel, x, y, epsilons):
@@ -67,7 +68,7 @@ class MinimizationAttack(Attack):
         return adversarial, success
 
 
-class FixedEpsilonAttack(Attack):
+class FixedEpsilonAttack(FoolboxAttack):
     """Tries every budget in ``epsilons``; keeps the adversarial of the smallest ε that succeeds."""
 
     def adversarials(self, fmodel, x, y, epsilons):
@@ -83,7 +84,7 @@ def _predict(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model(x).argmax(dim=1)
 
 
-def attack_distances(attack: Attack, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+def attack_distances(attack: FoolboxAttack, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
                      epsilons: list[float], batch_size: int) -> dict[str, torch.Tensor]:
     """Run ``attack`` on images x (N, C, H, W) in [0, 1] with labels y (N,), ``batch_size`` at a time
     on the model's device, with the model in eval mode and its parameters frozen (restored after).
@@ -116,96 +117,96 @@ def attack_distances(attack: Attack, model: torch.nn.Module, x: torch.Tensor, y:
 
 # --- The attacks (Hydra targets of conf/attack/*.yaml) -------------------------------------------
 
-def fgsm(random_start: bool = False) -> FixedEpsilonAttack:
+@checked()
+def fgsm(random_start: Switch = False) -> FixedEpsilonAttack:
     """FGSM, the fast gradient sign method (Goodfellow, Shlens & Szegedy, ICLR 2015, arXiv
     1412.6572). L∞, fixed ε: one step x + ε·sign(∇ℓ). Default: random_start=False."""
     return FixedEpsilonAttack(foolbox.attacks.LinfFastGradientAttack(
-        random_start=boolean("random_start", random_start)), "linf")
+        random_start=random_start), "linf")
 
 
-def pgd_linf(steps: int = 40, rel_stepsize: float = 1 / 30,
-             random_start: bool = True) -> FixedEpsilonAttack:
+@checked()
+def pgd_linf(steps: Iterations = 40, rel_stepsize: Positive = 1 / 30,
+             random_start: Switch = True) -> FixedEpsilonAttack:
     """L∞ projected gradient descent (Madry et al., ICLR 2018, arXiv 1706.06083). L∞, fixed ε.
     Defaults: steps=40, step size rel_stepsize·ε with rel_stepsize=0.0333, random_start=True."""
     return FixedEpsilonAttack(foolbox.attacks.LinfProjectedGradientDescentAttack(
-        steps=positive_int("steps", steps), rel_stepsize=positive("rel_stepsize", rel_stepsize),
-        random_start=boolean("random_start", random_start)), "linf")
+        steps=steps, rel_stepsize=rel_stepsize, random_start=random_start), "linf")
 
 
-def pgd_l2(steps: int = 50, rel_stepsize: float = 0.025, random_start: bool = True) -> FixedEpsilonAttack:
+@checked()
+def pgd_l2(steps: Iterations = 50, rel_stepsize: Positive = 0.025, random_start: Switch = True) -> FixedEpsilonAttack:
     """L2 projected gradient descent (Madry et al., ICLR 2018, arXiv 1706.06083). L2, fixed ε.
     Defaults: steps=50, step size rel_stepsize·ε with rel_stepsize=0.025, random_start=True."""
     return FixedEpsilonAttack(foolbox.attacks.L2ProjectedGradientDescentAttack(
-        steps=positive_int("steps", steps), rel_stepsize=positive("rel_stepsize", rel_stepsize),
-        random_start=boolean("random_start", random_start)), "l2")
+        steps=steps, rel_stepsize=rel_stepsize, random_start=random_start), "l2")
 
 
-def ddn(steps: int = 50, init_epsilon: float = 1.0, gamma: float = 0.05) -> MinimizationAttack:
+@checked()
+def ddn(steps: Iterations = 50, init_epsilon: Positive = 1.0, gamma: NonNegative = 0.05) -> MinimizationAttack:
     """Decoupled Direction and Norm (Rony et al., CVPR 2019, arXiv 1811.09600). L2, minimisation.
     Defaults: steps=50, init_epsilon=1.0 (initial norm), gamma=0.05 (norm change per step)."""
     return MinimizationAttack(foolbox.attacks.DDNAttack(
-        steps=positive_int("steps", steps), init_epsilon=positive("init_epsilon", init_epsilon),
-        gamma=nonnegative("gamma", gamma)), "l2")
+        steps=steps, init_epsilon=init_epsilon, gamma=gamma), "l2")
 
 
-def cw_l2(binary_search_steps: int = 5, steps: int = 100, stepsize: float = 0.01,
-          confidence: float = 0.0, initial_const: float = 0.001) -> MinimizationAttack:
+@checked()
+def cw_l2(binary_search_steps: Iterations = 5, steps: Iterations = 100, stepsize: Positive = 0.01,
+          confidence: NonNegative = 0.0, initial_const: Positive = 0.001) -> MinimizationAttack:
     """Carlini & Wagner L2 attack (IEEE S&P 2017, arXiv 1608.04644). L2, minimisation.
     Defaults: binary_search_steps=5 (over the constant c), steps=100 (Adam steps per c),
     stepsize=0.01, confidence=0, initial_const=0.001. Foolbox's own defaults (9, 10000) are far slower."""
     return MinimizationAttack(foolbox.attacks.L2CarliniWagnerAttack(
-        binary_search_steps=positive_int("binary_search_steps", binary_search_steps),
-        steps=positive_int("steps", steps), stepsize=positive("stepsize", stepsize),
-        confidence=nonnegative("confidence", confidence), initial_const=positive("initial_const", initial_const)),
+        binary_search_steps=binary_search_steps, steps=steps, stepsize=stepsize, confidence=confidence,
+        initial_const=initial_const),
         "l2")
 
 
-def deepfool_l2(steps: int = 50, candidates: int = 10, overshoot: float = 0.02) -> MinimizationAttack:
+@checked()
+def deepfool_l2(steps: Iterations = 50, candidates: Iterations = 10,
+                overshoot: NonNegative = 0.02) -> MinimizationAttack:
     """DeepFool (Moosavi-Dezfooli, Fawzi & Frossard, CVPR 2016, arXiv 1511.04599). L2, minimisation
     by repeated linearisation of the decision boundary. Defaults: steps=50, candidates=10 (classes
     considered), overshoot=0.02."""
     return MinimizationAttack(foolbox.attacks.L2DeepFoolAttack(
-        steps=positive_int("steps", steps), candidates=positive_int("candidates", candidates),
-        overshoot=nonnegative("overshoot", overshoot)), "l2")
+        steps=steps, candidates=candidates, overshoot=overshoot), "l2")
 
 
-def deepfool_linf(steps: int = 50, candidates: int = 10, overshoot: float = 0.02) -> MinimizationAttack:
+@checked()
+def deepfool_linf(steps: Iterations = 50, candidates: Iterations = 10,
+                  overshoot: NonNegative = 0.02) -> MinimizationAttack:
     """DeepFool (Moosavi-Dezfooli, Fawzi & Frossard, CVPR 2016, arXiv 1511.04599), L∞ variant.
     L∞, minimisation. Defaults: steps=50, candidates=10, overshoot=0.02."""
     return MinimizationAttack(foolbox.attacks.LinfDeepFoolAttack(
-        steps=positive_int("steps", steps), candidates=positive_int("candidates", candidates),
-        overshoot=nonnegative("overshoot", overshoot)), "linf")
+        steps=steps, candidates=candidates, overshoot=overshoot), "linf")
 
 
-def fmn_l2(steps: int = 100, max_stepsize: float = 1.0, gamma: float = 0.05,
-           binary_search_steps: int = 10) -> MinimizationAttack:
+@checked()
+def fmn_l2(steps: Iterations = 100, max_stepsize: Positive = 1.0, gamma: NonNegative = 0.05,
+           binary_search_steps: Iterations = 10) -> MinimizationAttack:
     """Fast Minimum-Norm attack (Pintor et al., NeurIPS 2021, arXiv 2102.12827). L2, minimisation.
     Defaults: steps=100, max_stepsize=1.0, gamma=0.05 (norm step), binary_search_steps=10."""
     return MinimizationAttack(foolbox.attacks.L2FMNAttack(
-        steps=positive_int("steps", steps), max_stepsize=positive("max_stepsize", max_stepsize),
-        gamma=nonnegative("gamma", gamma),
-        binary_search_steps=positive_int("binary_search_steps", binary_search_steps)), "l2")
+        steps=steps, max_stepsize=max_stepsize, gamma=gamma, binary_search_steps=binary_search_steps), "l2")
 
 
-def fmn_linf(steps: int = 100, max_stepsize: float = 1.0, gamma: float = 0.05,
-             binary_search_steps: int = 10) -> MinimizationAttack:
+@checked()
+def fmn_linf(steps: Iterations = 100, max_stepsize: Positive = 1.0, gamma: NonNegative = 0.05,
+             binary_search_steps: Iterations = 10) -> MinimizationAttack:
     """Fast Minimum-Norm attack (Pintor et al., NeurIPS 2021, arXiv 2102.12827). L∞, minimisation.
     Defaults: steps=100, max_stepsize=1.0, gamma=0.05, binary_search_steps=10."""
     return MinimizationAttack(foolbox.attacks.LInfFMNAttack(
-        steps=positive_int("steps", steps), max_stepsize=positive("max_stepsize", max_stepsize),
-        gamma=nonnegative("gamma", gamma),
-        binary_search_steps=positive_int("binary_search_steps", binary_search_steps)), "linf")
+        steps=steps, max_stepsize=max_stepsize, gamma=gamma, binary_search_steps=binary_search_steps), "linf")
 
 
-def boundary(steps: int = 1000, spherical_step: float = 0.01, source_step: float = 0.01,
-             step_adaptation: float = 1.5) -> MinimizationAttack:
+@checked()
+def boundary(steps: Iterations = 1000, spherical_step: Positive = 0.01, source_step: Positive = 0.01,
+             step_adaptation: Positive = 1.5) -> MinimizationAttack:
     """Boundary attack (Brendel, Rauber & Bethge, ICLR 2018, arXiv 1712.04248). L2, minimisation,
     decision-based (uses only predicted labels): starts from a blended-noise adversarial and walks
     along the boundary towards the image. Defaults: steps=1000 (Foolbox: 25000), spherical_step=0.01,
     source_step=0.01, step_adaptation=1.5. Images whose noise start is not adversarial count as
     failures."""
     return MinimizationAttack(foolbox.attacks.BoundaryAttack(
-        steps=positive_int("steps", steps), spherical_step=positive("spherical_step", spherical_step),
-        source_step=positive("source_step", source_step),
-        step_adaptation=positive("step_adaptation", step_adaptation)), "l2")
+        steps=steps, spherical_step=spherical_step, source_step=source_step, step_adaptation=step_adaptation), "l2")
 

@@ -13,7 +13,8 @@ adversarial found at the smallest ε that succeeds, +inf where none does. Tulip 
 adversarial itself (misclassified, within ε, inside [0, 1]); anything else is a failure.
 
 Each member below is a small factory: its docstring names the paper and the defaults, which are the
-reference's ``version='standard'`` settings and which conf/attack/<member>_<norm>.yaml repeats.
+reference's ``version='standard'`` settings and which conf/attack/<member>_<norm>.yaml repeats; its
+signature's types (tulip.schema) are the arguments' schema.
 """
 import logging
 import sys
@@ -26,8 +27,9 @@ from pyautoattack.square import SquareAttack
 from tqdm import tqdm
 
 from tulip.evaluate.attacks import perturbation_norms
-from tulip.runs.metric_keys import NORMS
 from tulip.nn.perturbations import frozen_eval
+from tulip.runs.metric_keys import NORMS
+from tulip.schema import AttackNorm, Iterations, Seed, Switch, checked
 
 log = logging.getLogger(__name__)
 
@@ -96,40 +98,28 @@ class AutoAttackMember:
         return distances
 
 
-def _check_positive_ints(**values: int) -> None:
-    for name, value in values.items():
-        if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-
-
-def _check_norm(norm: str) -> str:
-    if norm not in REFERENCE_NORMS:
-        raise ValueError(f"norm must be one of {tuple(REFERENCE_NORMS)}, got {norm!r}")
-    return REFERENCE_NORMS[norm]
-
-
 # --- The members (Hydra targets of conf/attack/{apgd_ce,apgd_t,fab_t,square}_{l2,linf}.yaml) ----------
 
-def apgd_ce(norm: str, n_iter: int = 100, n_restarts: int = 1, rho: float = 0.75,
-            seed: int = 0) -> AutoAttackMember:
+@checked()
+def apgd_ce(norm: AttackNorm, n_iter: Iterations = 100, n_restarts: Iterations = 1, rho: float = 0.75,
+            seed: Seed = 0) -> AutoAttackMember:
     """APGD-CE: Auto-PGD on the cross-entropy loss (Croce & Hein, ICML 2020, arXiv 2003.01690).
     L2 or L∞ (``norm``), fixed ε; step size adapted from 2ε, no step-size parameter. Defaults (the
     reference standard version): n_iter=100, n_restarts=1, rho=0.75 (step-halving threshold), seed=0."""
-    reference_norm = _check_norm(norm)
-    _check_positive_ints(n_iter=n_iter, n_restarts=n_restarts)
+    reference_norm = REFERENCE_NORMS[norm]
     return AutoAttackMember(norm, lambda model, eps, classes, device: APGDAttack(
         model, n_iter=n_iter, norm=reference_norm, n_restarts=n_restarts, eps=eps, seed=seed, loss="ce",
         rho=rho, device=device, logger=log), "apgd_ce")
 
 
-def apgd_t(norm: str, n_iter: int = 100, n_restarts: int = 1, n_target_classes: int = 9, rho: float = 0.75,
-           seed: int = 0) -> AutoAttackMember:
+@checked()
+def apgd_t(norm: AttackNorm, n_iter: Iterations = 100, n_restarts: Iterations = 1, n_target_classes: Iterations = 9,
+           rho: float = 0.75, seed: Seed = 0) -> AutoAttackMember:
     """APGD-T: Auto-PGD on the targeted DLR loss (Croce & Hein, ICML 2020, arXiv 2003.01690). L2 or
     L∞, fixed ε; tries the n_target_classes most likely wrong classes in turn (at most classes − 1).
     Defaults (the reference standard version): n_iter=100, n_restarts=1, n_target_classes=9,
     rho=0.75, seed=0."""
-    reference_norm = _check_norm(norm)
-    _check_positive_ints(n_iter=n_iter, n_restarts=n_restarts, n_target_classes=n_target_classes)
+    reference_norm = REFERENCE_NORMS[norm]
 
     def build(model, eps, classes, device):
         return APGDAttack_targeted(model, n_iter=n_iter, norm=reference_norm, n_restarts=n_restarts, eps=eps,
@@ -138,29 +128,29 @@ def apgd_t(norm: str, n_iter: int = 100, n_restarts: int = 1, n_target_classes: 
     return AutoAttackMember(norm, build, "apgd_t")
 
 
-def fab_t(norm: str, n_iter: int = 100, n_restarts: int = 1, n_target_classes: int = 9, alpha_max: float = 0.1,
-          eta: float = 1.05, beta: float = 0.9, seed: int = 0) -> AutoAttackMember:
+@checked()
+def fab_t(norm: AttackNorm, n_iter: Iterations = 100, n_restarts: Iterations = 1, n_target_classes: Iterations = 9,
+          alpha_max: float = 0.1, eta: float = 1.05, beta: float = 0.9, seed: Seed = 0) -> AutoAttackMember:
     """FAB-T: targeted Fast Adaptive Boundary attack (Croce & Hein, ICML 2020, arXiv 1907.02044). L2
     or L∞; a minimum-norm attack whose adversarial counts at ε when its norm is ≤ ε; tries the
     n_target_classes most likely wrong classes in turn (at most classes − 1). Defaults (the reference
     standard version): n_iter=100, n_restarts=1, n_target_classes=9, alpha_max=0.1, eta=1.05
     (overshoot), beta=0.9 (backward step), seed=0."""
-    reference_norm = _check_norm(norm)
-    _check_positive_ints(n_iter=n_iter, n_restarts=n_restarts, n_target_classes=n_target_classes)
+    reference_norm = REFERENCE_NORMS[norm]
     return AutoAttackMember(norm, lambda model, eps, classes, device: FABAttack_PT(
         model, norm=reference_norm, n_restarts=n_restarts, n_iter=n_iter, eps=eps, alpha_max=alpha_max,
         eta=eta, beta=beta, seed=seed, targeted=True, device=device,
         n_target_classes=min(n_target_classes, classes - 1)), "fab_t")
 
 
-def square(norm: str, n_queries: int = 5000, n_restarts: int = 1, p_init: float = 0.8,
-           rescale_schedule: bool = False, seed: int = 0) -> AutoAttackMember:
+@checked()
+def square(norm: AttackNorm, n_queries: Iterations = 5000, n_restarts: Iterations = 1, p_init: float = 0.8,
+           rescale_schedule: Switch = False, seed: Seed = 0) -> AutoAttackMember:
     """Square Attack (Andriushchenko, Croce, Flammarion & Hein, ECCV 2020, arXiv 1912.00049). L2 or
     L∞, fixed ε; score-based random search (no gradients: a check against gradient masking).
     Defaults (the reference standard version): n_queries=5000, n_restarts=1, p_init=0.8 (initial
     square size), rescale_schedule=False (the p schedule is not stretched to n_queries), seed=0."""
-    reference_norm = _check_norm(norm)
-    _check_positive_ints(n_queries=n_queries, n_restarts=n_restarts)
+    reference_norm = REFERENCE_NORMS[norm]
     return AutoAttackMember(norm, lambda model, eps, classes, device: SquareAttack(
         model, norm=reference_norm, n_queries=n_queries, eps=eps, p_init=p_init, n_restarts=n_restarts,
         seed=seed, resc_schedule=rescale_schedule, device=device), "square")

@@ -25,18 +25,18 @@ from typing import Protocol
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig
 
 from tulip.evaluate import bounds, neighbours
 
 from tulip.runs import metric_keys
-from tulip.config import LARGEST, NONNEGATIVE, ConfigError, is_number
+from tulip.config import AttackKeys, ConfigError, EvalKeys
 from tulip.data import Data
 from tulip.nn.lipschitz import last_layer, layer_norm_bound, layer_norm_estimate
 from tulip.runs.metric_keys import NORMS
-from tulip.train.objective import ArgumentError
 from tulip.nn.perturbations import frozen_eval
 from tulip.runs.folder import RunFolder
+from tulip.schema import check_node, source_key
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,8 @@ class Attack(Protocol):
         """{"l2": (N,), "linf": (N,)}: 0 already misclassified, the adversarial's norm, +inf failed."""
 
 
-class Tracker(Protocol):
+class TableLogger(Protocol):
+    """What the evaluation needs of its W&B run (tulip.runs.tracking.Tracker): its per-image tables."""
     def log_table(self, key: str, columns: list[str], rows: list[list],
                   line: tuple[str, str, str] | None = None) -> None: ...
 
@@ -63,49 +64,24 @@ class AttackSettings:
     epsilons: dict[str, list[float]]  # norm -> budgets of the robust-error curve
 
 
-def _is_positive_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
-def _check_bool(cfg: DictConfig, key: str) -> bool:
-    value = cfg.eval[key]
-    if not isinstance(value, bool):
-        raise ConfigError(f"eval.{key}={value!r} is invalid: expected true or false")
-    return value
-
-
 def _attack_settings(spec: DictConfig) -> AttackSettings:
-    if not (spec.n is None or _is_positive_int(spec.n)):
-        raise ConfigError(f"attack.n={spec.n!r} is invalid: expected an integer >= 1 or null (all)")
-    if not _is_positive_int(spec.batch_size):
-        raise ConfigError(f"attack.batch_size={spec.batch_size!r} is invalid: expected an integer >= 1")
-    epsilons = {}
-    for norm in NORMS:
-        eps = spec.epsilons.get(norm)
-        # 0 <= e <= LARGEST is False for NaN and ±inf: a robust error at ε = inf says nothing, and
-        # fixed-ε attacks would step by it.
-        if not (isinstance(eps, ListConfig) and len(eps) > 0
-                and all(is_number(e) and 0 <= e <= LARGEST for e in eps)):
-            raise ConfigError(f"attack.epsilons.{norm}={eps!r} is invalid: expected a non-empty list, "
-                              f"each {NONNEGATIVE}")
-        epsilons[norm] = [float(e) for e in eps]
-    return AttackSettings(spec.n, spec.batch_size, epsilons)
+    return AttackSettings(spec.n, spec.batch_size, {norm: [float(e) for e in spec.epsilons[norm]] for norm in NORMS})
 
 
 def _build_attacks(methods: DictConfig) -> dict[str, Attack]:
     attacks = {}
     for name, node in methods.items():
-        if not isinstance(node, DictConfig) or "_target_" not in node:
-            raise ConfigError(f"attack.methods.{name}={node!r} is invalid: expected an attack config "
-                              f"(an option of conf/attack/, e.g. attack=ddn)")
+        key = f"attack.methods.{name}"
         try:
-            attacks[name] = instantiate(node)
-        except Exception as error:  # Hydra wraps the TypeError of a misspelt parameter
-            bad = error.__cause__ if isinstance(error.__cause__, ArgumentError) else None
-            if bad is not None:  # a factory's own check: name the full key
-                raise ConfigError(f"attack.methods.{name}.{bad.argument}={bad.value!r} is invalid: "
-                                  f"expected {bad.expected}") from error
-            raise ConfigError(f"attack.methods.{name} is invalid: {error}") from error
+            # a partial, so that the factory's own ConfigError arrives unwrapped by Hydra
+            attacks[name] = instantiate(node, _partial_=True)()
+        except ConfigError as error:  # a factory's argument: name its full key
+            if error.key is None or error.key not in node:
+                raise
+            raise ConfigError(source_key(node, error.key, f"{key}.{error.key}"), error.value,
+                              error.expected) from None
+        except Exception as error:  # noqa: BLE001 - a misspelt parameter, a target that cannot be built
+            raise ConfigError(key, node.get("_target_"), f"an attack Hydra can build ({error})") from None
     return attacks
 
 
@@ -131,7 +107,7 @@ def error_curve(radii: torch.Tensor, epsilons: list[float]) -> list[list[float]]
     return [[eps, 100.0 * (radii <= eps).double().mean().item()] for eps in epsilons]
 
 
-def _log_curve(tracker: Tracker | None, key: str, norm: str, rows: list[list[float]]) -> None:
+def _log_curve(tracker: TableLogger | None, key: str, norm: str, rows: list[list[float]]) -> None:
     if tracker is not None:
         tracker.log_table(key, ["epsilon", "error_pct"], rows, line=("epsilon", "error_pct", f"{key} ({norm})"))
 
@@ -144,7 +120,7 @@ def _predict(model: torch.nn.Module, x: torch.Tensor, batch_size: int) -> torch.
 # --- the three evaluations ---------------------------------------------------------------------------
 
 def evaluate_attacks(attacks: dict[str, Attack], model, x: torch.Tensor, y: torch.Tensor,
-                     settings: AttackSettings, folder: RunFolder, tracker: Tracker | None,
+                     settings: AttackSettings, folder: RunFolder, tracker: TableLogger | None,
                      columns: dict[str, list]) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
     """Every attack and the per-image best over them on images x, y; writes attacks.csv.
     Returns (metrics, {norm: (n,) the per-image best distance})."""
@@ -158,7 +134,7 @@ def evaluate_attacks(attacks: dict[str, Attack], model, x: torch.Tensor, y: torc
         distances = attack.distances(model, x, y, settings.epsilons[attack.norm], settings.batch_size)
         elapsed = time.perf_counter() - started
         for norm in NORMS:
-            columns[f"{name}_{norm}"] = distances[norm].tolist()
+            columns[metric_keys.distance_column(name, norm)] = distances[norm].tolist()
             best[norm] = torch.minimum(best[norm], distances[norm])
         metrics.update(distance_metrics(name, {attack.norm: distances[attack.norm]}, settings.epsilons))
         metrics[metric_keys.attack_time(name)] = elapsed
@@ -172,7 +148,7 @@ def evaluate_attacks(attacks: dict[str, Attack], model, x: torch.Tensor, y: torc
     metrics.update(distance_metrics(metric_keys.BEST_ATTACK, {norm: best[norm] for norm in attacked_norms},
                                     settings.epsilons))
     for norm in NORMS:
-        columns[f"{metric_keys.BEST_ATTACK}_{norm}"] = best[norm].tolist()
+        columns[metric_keys.distance_column(metric_keys.BEST_ATTACK, norm)] = best[norm].tolist()
     for norm in attacked_norms:
         _log_curve(tracker, f"attack/best/robust_error_{norm}", norm,
                    error_curve(best[norm], settings.epsilons[norm]))
@@ -202,14 +178,14 @@ def evaluate_bounds(model, x: torch.Tensor, y: torch.Tensor, batch_size: int,
                     metric_keys.LIPSCHITZ_UPPER_OVER_LOWER: lipschitz / lower if lower > 0 else float("inf")})
     # Certified at eps iff the radius exceeds eps; misclassified images (radius 0) always count.
     metrics.update({metric_keys.certified_error(eps): error for eps, error in error_curve(certified, epsilons_l2)})
-    columns = {"first_order_l2": first.tolist(), "certified_l2": certified.tolist(),
-               "certified_global_l2": global_radii.tolist()}
+    columns = {metric_keys.FIRST_ORDER_COLUMN: first.tolist(), metric_keys.CERTIFIED_COLUMN: certified.tolist(),
+               metric_keys.CERTIFIED_GLOBAL_COLUMN: global_radii.tolist()}
     if bounds.is_smooth(model):
         curvature = bounds.hessian_norms(model, x, y, batch_size)
         second = bounds.second_order_radii(grads.loss, grads.grad_norm, curvature.max().item())
         metrics[metric_keys.BOUNDS_HESSIAN_NORM_MAX] = curvature.max().item()
         metrics[metric_keys.BOUNDS_SECOND_ORDER_MEDIAN] = second.median().item()
-        columns["second_order_l2"] = second.tolist()
+        columns[metric_keys.SECOND_ORDER_COLUMN] = second.tolist()
     else:
         log.info("bounds: skipping the second-order estimate: the model has piecewise-linear "
                  "activations (ReLU/max-pool), whose Hessian misses the curvature at the kinks")
@@ -267,7 +243,7 @@ class Evaluation:
             ((metric_keys.NN_PREFIX,) if self.neighbours else ())
 
     def __call__(self, model: torch.nn.Module, data: Data, folder: RunFolder,
-                 tracker: Tracker | None = None) -> dict[str, float]:
+                 tracker: TableLogger | None = None) -> dict[str, float]:
         """Evaluate `model` (its mode and requires_grad are restored afterwards); {} if nothing is on."""
         metrics: dict[str, float] = {}
         n = len(data.test_y) if self.settings.n is None else min(self.settings.n, len(data.test_y))
@@ -286,7 +262,7 @@ class Evaluation:
                 found, columns = evaluate_bounds(model, x, y, self.settings.batch_size, self.settings.epsilons["l2"])
                 metrics.update(found)
                 folder.write_csv("bounds", {**images, **columns})
-                certified = torch.tensor(columns["certified_l2"])
+                certified = torch.tensor(columns[metric_keys.CERTIFIED_COLUMN])
                 _log_curve(tracker, metric_keys.CERT_CURVE, "l2", error_curve(certified, self.settings.epsilons["l2"]))
                 if any(attack.norm == "l2" for attack in self.attacks.values()):
                     correct = torch.tensor(images["prediction"]) == y.cpu()
@@ -300,15 +276,19 @@ class Evaluation:
 
 
 def build_evaluation(cfg: DictConfig) -> Evaluation:
-    """Check ``attack.*`` and ``eval.*`` and build the attacks; raises ConfigError naming the key.
+    """Check ``attack.*`` and ``eval.*`` against their schema (tulip.config.AttackKeys, EvalKeys: what
+    `validate` checks in a run) and build the attacks; raises ConfigError naming the key.
 
     Cheap (no data, no model): called before training.
     """
     shared = {"n", "batch_size", "epsilons", "methods"}
     unknown = sorted(set(cfg.attack) - shared)
     if unknown:
-        raise ConfigError(f"attack.{unknown[0]} is not an attack setting: expected one of "
-                          f"attack.{{{','.join(sorted(shared))}}} (attacks themselves are chosen with "
-                          f"attack=<option> and set with attack.methods.<name>.<param>)")
+        raise ConfigError(f"attack.{unknown[0]}", cfg.attack[unknown[0]],
+                          f"no such key: an attack setting is one of attack.{{{','.join(sorted(shared))}}} "
+                          f"(attacks themselves are chosen with attack=<option> and set with "
+                          f"attack.methods.<name>.<param>)")
+    check_node(cfg.attack, "attack", AttackKeys)
+    check_node(cfg.eval, "eval", EvalKeys)
     return Evaluation(attacks=_build_attacks(cfg.attack.methods), settings=_attack_settings(cfg.attack),
-                      bounds=_check_bool(cfg, "bounds"), neighbours=_check_bool(cfg, "nn"))
+                      bounds=cfg.eval.bounds, neighbours=cfg.eval.nn)

@@ -24,35 +24,21 @@ In eval mode every sample's output depends on that sample only, so the input gra
 the losses holds exactly the per-sample gradients (the original code differentiated the batch mean,
 which scales every gradient by 1/batch).
 """
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from tulip.runs import metric_keys
-from tulip.nn.lipschitz import eval_mode, layer_norm_bound, layer_norm_estimate
-from tulip.nn.models import Classifier, linearized
+from tulip.nn.lipschitz import layer_norm_bound, layer_norm_estimate
+from tulip.nn.models import Classifier, eval_mode, linearized
+from tulip.nn.perturbations import input_grad
 
 
-def _input_grads(x: torch.Tensor, scalars: list[torch.Tensor]) -> list[torch.Tensor]:
-    """grad_x of each scalar, one backward pass each (the graph is kept until the last one)."""
-    last = len(scalars) - 1
-    return [torch.autograd.grad(scalar, x, retain_graph=i < last)[0] for i, scalar in enumerate(scalars)]
-
-
-def per_sample_loss_grad_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor, p: float = 2) -> torch.Tensor:
-    """||grad_x CE(f(x_i), y_i)||_p for every sample i, shape (B,); p in {1, 2, inf}.
-
-    Uses the model in its current mode: exact per-sample gradients in eval mode (in train mode
-    BatchNorm couples the samples of the batch).
-    """
-    if p not in (1, 2, math.inf):
-        raise ValueError(f"p must be 1, 2 or inf, got {p}")
-    with torch.enable_grad():
-        x = x.detach().requires_grad_(True)
-        (grads,) = _input_grads(x, [F.cross_entropy(model(x), y, reduction="sum")])
-    return grads.flatten(1).norm(p=p, dim=1)
+def _input_grads(x: torch.Tensor, outputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """input_grad of each output, one backward pass each (the graph is kept until the last one)."""
+    last = len(outputs) - 1
+    return [input_grad(output, x, retain_graph=i < last) for i, output in enumerate(outputs)]
 
 
 def linearized_matrix(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -22,18 +22,44 @@ from tulip.config import ConfigError, resolve_device
 from tulip.evaluate.final import Evaluation
 from tulip.evaluate.measures import measure
 from tulip.nn.perturbations import frozen_eval
-from tulip.runs.folder import LoadedRun, RunFolder, load_run
+from tulip.build import LoadedRun, load_run
+from tulip.runs.folder import RunFolder, RunFolderError
+from tulip.runs.status import STATUS, Status
 from tulip.seeding import seed_everything
 from tulip.runs.tracking import JOB_EVALUATE, JOB_SUMMARY, RunContext, Tracker
-from tulip.train.loop import NOT_TRAINING_STATE
+from tulip.train.loop import TRAINING_STATE
 
 log = logging.getLogger(__name__)
+
+# Config groups whose option fills a key of another name (conf/regularizer/* fills `reg`).
+GROUP_KEYS = {"regularizer": "reg"}
 
 
 def _load(cfg: DictConfig) -> LoadedRun:
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)  # random starts of the attacks
     return load_run(cfg.run_dir, device)
+
+
+def _training_command(folder: RunFolder) -> str:
+    """The command that trained `folder`, from Hydra's .hydra/overrides.yaml, pointed at the folder."""
+    try:
+        overrides = yaml.safe_load((folder.path / ".hydra" / "overrides.yaml").read_text()) or []
+    except (OSError, yaml.YAMLError):
+        overrides = ["<its overrides>"]
+    kept = [o for o in overrides if isinstance(o, str) and not o.startswith("hydra.run.dir=")]
+    return " ".join(["python run.py", *kept, f"hydra.run.dir={folder.path}"])
+
+
+def _require_summary(folder: RunFolder) -> None:
+    """mode=evaluate merges its keys into the training run's summary.json: without one (training was killed
+    before its end, e.g. during its final evaluation) the merge would make a summary with no status and
+    no best epoch. Refuse, saying how to finish the run first."""
+    if not folder.summary_file.exists() and folder.checkpoint("best").exists():
+        raise RunFolderError(
+            f"{folder.path} has no summary.json: its training stopped before the end (or is still running). "
+            f"Finish it first by rerunning its training command in that folder, `{_training_command(folder)}`: "
+            f"it resumes from checkpoints/last.pt and runs the final evaluation; then mode=evaluate again")
 
 
 def _training_choices(folder: RunFolder) -> dict[str, str]:
@@ -53,7 +79,8 @@ def _tracker(cfg: DictConfig, run: LoadedRun, context: RunContext, job_type: str
     for what does not change what was trained (attack, eval, wandb, ...): the command's own defaults
     (regularizer=none, ...) would file it under the wrong configuration in a sweep's W&B workspace."""
     def from_command(key: str) -> bool:
-        return key.split("/")[0] in NOT_TRAINING_STATE or key.startswith("hydra/")
+        top = key.split("/")[0]
+        return GROUP_KEYS.get(top, top) not in TRAINING_STATE
 
     trained = OmegaConf.to_container(run.cfg, resolve=True)
     command = OmegaConf.to_container(cfg, resolve=True)
@@ -76,9 +103,10 @@ def evaluate_run(cfg: DictConfig, evaluation: Evaluation, context: RunContext | 
     if not evaluation.families:
         raise ConfigError("mode=evaluate has nothing to do: set attack=<name> (e.g. attack=[ddn,pgd_l2]), "
                           "eval.bounds=true and/or eval.nn=true")
+    _require_summary(RunFolder(cfg.run_dir))
     run = _load(cfg)
-    status = run.folder.read_summary().get("status")  # a damaged summary.json stops here, before the work
-    if status != "finished":
+    status = run.folder.read_summary().get(STATUS)  # a damaged summary.json stops here, before the work
+    if status != Status.FINISHED:
         log.warning("%s: its training has not finished (summary.json status: %s); evaluating its best "
                     "checkpoint (epoch %d). Its training command finishes the run, whose own final evaluation "
                     "then replaces this one.", run.folder.path, status, run.checkpoint["epoch"])

@@ -19,20 +19,21 @@ from omegaconf import DictConfig
 
 from tulip.launch.cpus import JOBS_AT_ONCE, cpus_given
 from tulip.launch.launcher import parallel_jobs
+from tulip.runs.jobs import NO_SUMMARY, job_folders, read_overrides, summary_or_problem
 from tulip.runs.metric_keys import TEST_ERROR
-from tulip.report.runs import NO_SUMMARY, job_folders, read_overrides, read_summary
+from tulip.runs.status import STATUS, UNREADABLE, Status
 
 
 def collect_jobs(sweep_dir: Path) -> list[dict]:
     """One dict per job folder of a sweep (a folder holding `.hydra/`), in job-number order:
     {"job", "folder", "status", "overrides", "summary"}. A job without summary.json has status
     "missing" (still running, or killed before it could write one). Read as tulip-report reads them
-    (tulip.report.runs), so both name a job by the same overrides."""
+    (tulip.runs.jobs), so both name a job by the same overrides."""
     jobs = []
     for folder in job_folders(sweep_dir):
-        summary, problem = read_summary(folder)
+        summary, problem = summary_or_problem(folder)
         if problem and problem != NO_SUMMARY:  # listed as unreadable, never a crash of the sweep's last step
-            summary = {"status": "unreadable", "error": problem}
+            summary = {STATUS: UNREADABLE, "error": problem}
         jobs.append({"job": folder.name, "folder": folder, "status": summary.get("status", "missing"),
                      "overrides": read_overrides(folder, summary), "summary": summary})
     return jobs
@@ -53,7 +54,7 @@ def format_report(sweep_dir: Path, jobs: list[dict], metric: str = TEST_ERROR) -
         error = job["summary"].get("error")
         lines.append(f"  {job['job']:>4}  {job['status']:<9} {shown:>15}  {' '.join(job['overrides'])}"
                      + (f"   [{error}]" if error else ""))
-    not_finished = [job for job in jobs if job["status"] != "finished"]
+    not_finished = [job for job in jobs if job[STATUS] != Status.FINISHED]
     if not_finished:
         lines.append("NOT FINISHED: " + ", ".join(f"job {j['job']} ({j['status']})" for j in not_finished)
                      + f" - see summary.json (and .submitit/ logs) under {sweep_dir}")

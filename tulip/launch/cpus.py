@@ -2,7 +2,8 @@
 
 PyTorch starts one OpenMP thread per core it sees. Four jobs that a local launcher starts at once on a
 2-core machine then run 8 threads on 2 cores, and the cores spend their time switching between threads
-(the jobs took 1.9x as long together as one after another). So a job takes its share instead:
+(the jobs took far longer together than one after another: docs/benchmarks.md). So a job takes its
+share instead:
 
     CPUs given = the process's CPU affinity mask, capped by SLURM_CPUS_PER_TASK (a SLURM job) and by
                  OMP_NUM_THREADS (a user's or a launcher's explicit choice)

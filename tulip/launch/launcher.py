@@ -4,9 +4,9 @@ each in a process forked from the sweep's own.
 Hydra's basic launcher runs the jobs one after another in its own process; submitit's local executor
 (``hydra/launcher=submitit_local``) starts every job at once as a fresh Python process. A fresh process
 pays a fixed start-up before its first step (Python, torch, ``torch._dynamo`` which torch.optim imports,
-pandas which dynamo imports, Hydra, W&B: about 5 CPU-seconds on a 2-core VM), and more jobs than cores
-only share the cores. Measured there, 4 one-epoch jobs took 1.3-1.4x as long through submitit_local
-as one after another (`python -m tulip.bench sweep`). This launcher removes both costs (0.93x):
+pandas which dynamo imports, Hydra, W&B), and more jobs than cores only share the cores, so a small grid
+took longer through submitit_local than one job after another. This launcher removes both costs (the
+figures, from `python -m tulip.bench sweep`: docs/benchmarks.md):
 
 - the jobs are forked from the sweep's process, after it has imported what every job imports
   (``preload``; the sweep imported torch and Tulip already), so a job starts in milliseconds with
@@ -31,26 +31,30 @@ import signal
 import time
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Annotated, Any, Sequence
 
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides, run_job, setup_globals
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, open_dict
 
+from tulip.schema import Rule, checked, is_int
+
 log = logging.getLogger(__name__)
 INTERRUPT_GRACE_S = 10  # how long an interrupted sweep waits for its jobs to stop on their own
 
 
-def parallel_jobs(array_parallelism: Any) -> int:
+Parallelism = Annotated[int | str | None, Rule("auto or an integer >= 1",
+                                               lambda v: v in (None, "auto") or (is_int(v) and v >= 1))]
+
+
+@checked("hydra.launcher")
+def parallel_jobs(array_parallelism: Parallelism) -> int:
     """How many jobs run at once: `array_parallelism` (a positive integer), or one per CPU given for
-    "auto"/None. A bad value raises ValueError naming the key."""
+    "auto"/None. A bad value raises ConfigError naming the key."""
     if array_parallelism in (None, "auto"):
         from tulip.launch.cpus import cpus_given  # imports torch: only when a sweep runs
         return cpus_given()
-    if isinstance(array_parallelism, bool) or not isinstance(array_parallelism, int) or array_parallelism < 1:
-        raise ValueError(f"hydra.launcher.array_parallelism must be a positive integer or auto, "
-                         f"got {array_parallelism!r}")
     return array_parallelism
 
 
@@ -58,7 +62,7 @@ class LocalLauncher(Launcher):
     """At most `array_parallelism` jobs at once, each in a process forked from this one after importing
     the modules `preload` names."""
 
-    def __init__(self, array_parallelism: Any = "auto", preload: Sequence[str] = ()) -> None:
+    def __init__(self, array_parallelism: Parallelism = "auto", preload: Sequence[str] = ()) -> None:
         self.jobs_at_once = parallel_jobs(array_parallelism)  # a bad value fails before any job starts
         self.preload = list(preload)
         self.config: DictConfig | None = None

@@ -28,7 +28,7 @@ import logging
 import math
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import optuna
 import yaml
@@ -41,7 +41,20 @@ from optuna.distributions import (BaseDistribution, CategoricalDistribution, Flo
                                   IntDistribution)
 from optuna.trial import TrialState
 
-from tulip.report.runs import read_summary
+from tulip.runs.jobs import summary_or_problem
+from tulip.runs.status import STATUS, Status
+from tulip.schema import MAX_SEED, ConfigError, Count, Rule, checked, is_int
+
+DIRECTIONS = ("minimize", "maximize")
+Directions = Annotated[list | str | None, Rule(
+    "minimize | maximize, a list of them (one per objective), or null (minimise every objective)",
+    lambda v: v is None or v in DIRECTIONS or (isinstance(v, list) and v and all(d in DIRECTIONS for d in v)))]
+SearchSpace = Annotated[dict | None, Rule("a mapping of config keys to search spaces (e.g. {reg.lip: "
+                                          "'tag(log,interval(1e-3,1))'}) or null",
+                                          lambda v: v is None or isinstance(v, dict))]
+Seeds = Annotated[list | None, Rule(f"a list of seeds in [0, {MAX_SEED}] (e.g. [1, 2]) or null",
+                                    lambda v: v is None or (isinstance(v, list)
+                                                            and all(is_int(s) and 0 <= s <= MAX_SEED for s in v)))]
 
 log = logging.getLogger(__name__)
 
@@ -128,11 +141,10 @@ def returned_values(returned: Any, count: int) -> list[float] | None:
 class OptunaSweeper(Sweeper):
     """Optuna search over the sweep's parameters; one objective or several (NSGA-II by default)."""
 
-    def __init__(self, sampler: optuna.samplers.BaseSampler | None, directions: list[str] | str | None,
-                 n_trials: int, n_jobs: int, storage: str | None, study_name: str, params: dict | None,
-                 reseed: list[int] | None) -> None:
-        if int(n_trials) < 1 or int(n_jobs) < 1:
-            raise ValueError(f"hydra.sweeper.n_trials ({n_trials}) and n_jobs ({n_jobs}) must be ≥ 1")
+    @checked("hydra.sweeper")  # the arguments' types are their schema (tulip.schema)
+    def __init__(self, sampler: optuna.samplers.BaseSampler | None, directions: Directions,
+                 n_trials: Count, n_jobs: Count, storage: str | None, study_name: str, params: SearchSpace,
+                 reseed: Seeds) -> None:
         self.sampler, self.directions = sampler, directions
         self.n_trials, self.n_jobs = int(n_trials), int(n_jobs)
         self.storage, self.study_name = storage, study_name
@@ -152,9 +164,9 @@ class OptunaSweeper(Sweeper):
             raise ValueError("objectives: name at least one metric for hydra/sweeper=optuna to optimise")
         directions = self.directions or "minimize"
         directions = [directions] * len(names) if isinstance(directions, str) else list(directions)
-        if len(directions) != len(names) or any(d not in ("minimize", "maximize") for d in directions):
-            raise ValueError(f"hydra.sweeper.directions: {directions} must be minimize|maximize, one per "
-                             f"objective {names}")
+        if len(directions) != len(names):
+            raise ConfigError("hydra.sweeper.directions", directions, f"one of minimize | maximize per objective "
+                              f"{names}")
         return names, directions
 
     def open_study(self, names: list[str], directions: list[str]) -> optuna.Study:
@@ -278,8 +290,8 @@ class OptunaSweeper(Sweeper):
 
     def finished_job(self, job: int) -> bool:
         """Whether job folder `job` holds a run that ended (a diverged run is an ended one)."""
-        summary, _ = read_summary(self.sweep_dir / str(job))
-        return summary.get("status") in ("finished", "diverged")
+        summary, _ = summary_or_problem(self.sweep_dir / str(job))
+        return summary.get(STATUS) in (Status.FINISHED, Status.DIVERGED)
 
     def rerun_front(self, study: optuna.Study, front: list, fixed: list[str]) -> list:
         """Each Pareto-optimal trial once more per seed of ``reseed``. A re-run's folder is recorded

@@ -28,7 +28,6 @@ So ‖conv‖₂ ≤ max_ω ‖ŵ(ω)‖₂ ≤ max_ω Gram bound, by theorem. E
 weights; everything is computed in float64 and a rounding slack is added (``_rounding_slack``).
 """
 import math
-from contextlib import contextmanager
 from functools import singledispatch
 from typing import Callable, NamedTuple
 
@@ -37,29 +36,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from tulip.nn.models import (BoundedHead, BranchMean, ConvBN, DenseBN, GlobalAvgPool, Nonlinearity, Residual,
-                          ScaledTanh)
+                          ScaledTanh, eval_mode)
 
 POWER_ITERATIONS = 100
 # Power iteration approaches a convolution's norm from below; after POWER_ITERATIONS steps from a
-# random start the estimate was within 0.75% of the exact norm on every layer we checked (tests compare
-# against dense SVDs). This factor makes the estimate an upper bound in practice, not by theorem.
+# random start the estimate fell short of the exact norm by less than this margin on every layer checked
+# (docs/benchmarks.md; tests compare against dense SVDs). So it makes the estimate an upper bound in
+# practice, not by theorem.
 POWER_SAFETY = 1.02
 # Gram iterations: the bound exceeds ‖A‖₂ by a factor ≤ rank^(1/2^(t+1)) (all singular values equal),
 # e.g. ≤ 1.008 for rank 64 after 8 iterations; far less when the singular values decay.
 GRAM_ITERATIONS_CONV = 8
 GRAM_ITERATIONS_MATRIX = 12
-
-
-@contextmanager
-def eval_mode(model: nn.Module):
-    """Eval mode inside the block; every module's own train/eval flag restored afterwards."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -177,7 +165,7 @@ def conv_norm_estimate(weight: torch.Tensor, shape, stride, padding, groups: int
     return u.norm().item(), tuple(u.shape[1:])
 
 
-class LayerNorms(NamedTuple):
+class NormMethod(NamedTuple):
     """How one product rates a layer: conv(weight, shape, stride, padding, groups) -> (norm, out shape)
     and matrix(weight) -> norm; float64: whether they get the folded weights in float64 (else in the
     layer's own dtype)."""
@@ -186,8 +174,8 @@ class LayerNorms(NamedTuple):
     float64: bool
 
 
-BOUND = LayerNorms(conv=conv_norm_bound, matrix=matrix_norm_bound, float64=True)
-ESTIMATE = LayerNorms(conv=lambda *args: _scaled(POWER_SAFETY, *conv_norm_estimate(*args)),
+BOUND = NormMethod(conv=conv_norm_bound, matrix=matrix_norm_bound, float64=True)
+ESTIMATE = NormMethod(conv=lambda *args: _scaled(POWER_SAFETY, *conv_norm_estimate(*args)),
                       matrix=matrix_norm_estimate, float64=False)
 
 
@@ -197,7 +185,7 @@ def _scaled(factor: float, norm: float, shape: tuple) -> tuple[float, tuple]:
 
 # ----------------------------------------------------------------------------------------------------
 # Products of layer norms, walked over the model's known block types. Each rule takes (module, input
-# shape without batch, LayerNorms) and returns (L2 operator-norm bound, output shape).
+# shape without batch, NormMethod) and returns (L2 operator-norm bound, output shape).
 
 
 def layer_norm_bound(model: nn.Module, input_shape=None) -> float:
@@ -213,7 +201,7 @@ def layer_norm_estimate(model: nn.Module, input_shape=None) -> float:
     return _product(model, input_shape, ESTIMATE)
 
 
-def _product(model: nn.Module, input_shape, norms: LayerNorms) -> float:
+def _product(model: nn.Module, input_shape, norms: NormMethod) -> float:
     shape = tuple(model.input_shape if input_shape is None else input_shape)
     with torch.no_grad(), eval_mode(model):
         bound, _ = _lipschitz(model, shape, norms)
@@ -221,7 +209,7 @@ def _product(model: nn.Module, input_shape, norms: LayerNorms) -> float:
 
 
 @singledispatch
-def _lipschitz(module: nn.Module, shape, norms: LayerNorms):
+def _lipschitz(module: nn.Module, shape, norms: NormMethod):
     raise TypeError(f"the layer-norm product has no rule for {type(module).__name__}; build models from "
                     "the blocks in tulip.nn.models")
 
@@ -298,7 +286,7 @@ def _(module: DenseBN, shape, norms):
     return norms.matrix(_in_dtype(weight, module.linear.weight, norms)), (module.linear.out_features,)
 
 
-def _in_dtype(folded: torch.Tensor, original: torch.Tensor, norms: LayerNorms) -> torch.Tensor:
+def _in_dtype(folded: torch.Tensor, original: torch.Tensor, norms: NormMethod) -> torch.Tensor:
     return folded if norms.float64 else folded.to(original.dtype)
 
 

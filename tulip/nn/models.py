@@ -13,16 +13,21 @@ operator norms. Three design rules make that clean for every model here:
   ``nn.Linear``, the bounded head), which ``tulip.nn.lipschitz.layer_norm_bound`` walks to bound the
   Lipschitz constant.
 
-Every constructor has the signature ``(in_channels, num_classes, image_size, tanh=False, **hyper)``
-and is built by ``hydra.utils.instantiate(cfg.model, in_channels=..., num_classes=..., image_size=...)``
-from ``conf/model/*.yaml``. Inputs are (B, in_channels, image_size, image_size); outputs (B, num_classes).
+Every constructor has the signature ``(in_channels, num_classes, image_size, tanh=False, **hyper)``, its
+hyper-parameters typed with tulip.schema's types (their schema: checked before training and on every
+construction, naming ``model.<argument>``), and is built by
+``hydra.utils.instantiate(cfg.model, in_channels=..., num_classes=..., image_size=...)`` from
+``conf/model/*.yaml``. Inputs are (B, in_channels, image_size, image_size); outputs (B, num_classes).
 """
 from collections import OrderedDict
 from contextlib import contextmanager
+from typing import Annotated, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from tulip.schema import Count, PositiveInts, Rule, Switch, check_init, integer_in, is_int, list_of
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -82,6 +87,19 @@ class BoundedHead(nn.Sequential):
 
 
 @contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode inside the block; on exit, also after an error, every module gets back its own
+    train/eval flag (a model may hold frozen eval-mode parts inside a training one)."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+@contextmanager
 def linearized(model: nn.Module):
     """Within the block, ``model`` is its linearization: an affine map x -> M x + b.
 
@@ -89,18 +107,15 @@ def linearized(model: nn.Module):
     t*tanh(z/|t|) -> sign(t)*z) and every module is in eval mode, so BatchNorm is the fixed affine map
     of its running statistics. Flags and train/eval modes are restored on exit, also after an error.
     """
-    modes = [(module, module.training) for module in model.modules()]
     nonlinearities = [module for module in model.modules() if isinstance(module, Nonlinearity)]
-    model.eval()
-    for module in nonlinearities:
-        module.linear = True
-    try:
-        yield model
-    finally:
+    with eval_mode(model):
         for module in nonlinearities:
-            module.linear = False
-        for module, training in modes:
-            module.training = training
+            module.linear = True
+        try:
+            yield model
+        finally:
+            for module in nonlinearities:
+                module.linear = False
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -167,12 +182,10 @@ def _conv_out(size: int, kernel_size: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - kernel_size) // stride + 1
 
 
-def _positive_ints(name: str, values, allow_empty=False) -> list[int]:
-    """Validate an int or list-of-ints hyperparameter; errors name the config key (``model.<name>``)."""
-    values = [values] if isinstance(values, int) else list(values)
-    if not (values or allow_empty) or not all(isinstance(v, int) and v > 0 for v in values):
-        raise ValueError(f"model.{name} must be positive integers, got {values}")
-    return values
+Widths = Annotated[list, list_of(integer_in(1), "a list of integers >= 1 (empty: a linear model)")]
+TwoWidths = Annotated[list, list_of(integer_in(1), "two integers >= 1, e.g. [32, 64]", size=2)]
+WideResNetDepth = Annotated[int, Rule("6n + 4 with n >= 1 (10, 16, 22, 28, ...)",
+                                      lambda v: is_int(v) and v >= 10 and (v - 4) % 6 == 0)]
 
 
 class Classifier(nn.Sequential):
@@ -181,6 +194,10 @@ class Classifier(nn.Sequential):
     ``input_shape`` (C, S, S) is kept so measures can build the layer operators; ``tanh_scale`` is the
     head's t, or None without the head.
     """
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        check_init(cls, "model")
 
     def __init__(self, layers: OrderedDict, in_channels: int, num_classes: int, image_size: int, tanh: bool):
         if tanh:
@@ -200,8 +217,7 @@ class MLP(Classifier):
     ``hidden=[]`` is a linear (softmax regression) model.
     """
 
-    def __init__(self, in_channels, num_classes, image_size, tanh=False, hidden=(512, 512)):
-        hidden = _positive_ints("hidden", hidden, allow_empty=True)
+    def __init__(self, in_channels, num_classes, image_size, tanh: Switch = False, hidden: Widths = (512, 512)):
         layers = OrderedDict(flatten=nn.Flatten())
         width = in_channels * image_size * image_size
         for i, out in enumerate(hidden):
@@ -219,9 +235,8 @@ class CNNSmall(Classifier):
     ReLU -> Linear. Defaults: channels (32, 64), hidden 256: 28x28 -> 14x14 -> 7x7.
     """
 
-    def __init__(self, in_channels, num_classes, image_size, tanh=False, channels=(32, 64), hidden=256):
-        channels = _positive_ints("channels", channels)
-        (hidden,) = _positive_ints("hidden", hidden)
+    def __init__(self, in_channels, num_classes, image_size, tanh: Switch = False, channels: PositiveInts = (32, 64),
+                 hidden: Count = 256):
         layers = OrderedDict()
         size, width = image_size, in_channels
         for i, out in enumerate(channels):
@@ -244,9 +259,9 @@ class CNN4C3F(Classifier):
     hidden 512.
     """
 
-    def __init__(self, in_channels, num_classes, image_size, tanh=False, channels=(32, 64), hidden=512):
-        c1, c2 = _positive_ints("channels", channels)
-        (hidden,) = _positive_ints("hidden", hidden)
+    def __init__(self, in_channels, num_classes, image_size, tanh: Switch = False, channels: TwoWidths = (32, 64),
+                 hidden: Count = 512):
+        c1, c2 = channels
         layers, size, width = OrderedDict(), image_size, in_channels
         for i, (out, kernel_size, stride) in enumerate([(c1, 3, 1), (c1, 4, 2), (c2, 3, 1), (c2, 4, 2)]):
             padding = 1  # 'same' for 3x3 stride 1, and halves the size for 4x4 stride 2
@@ -268,8 +283,8 @@ class AllCNN(Classifier):
     1x1 conv num_classes -> global average pool. Defaults ``channels: [96, 192]``.
     """
 
-    def __init__(self, in_channels, num_classes, image_size, tanh=False, channels=(96, 192)):
-        c1, c2 = _positive_ints("channels", channels)
+    def __init__(self, in_channels, num_classes, image_size, tanh: Switch = False, channels: TwoWidths = (96, 192)):
+        c1, c2 = channels
         plan = [  # (out_channels, kernel_size, stride)
             (c1, 3, 1), (c1, 3, 1), (c1, 3, 2),
             (c2, 3, 1), (c2, 3, 1), (c2, 3, 2),
@@ -316,9 +331,8 @@ class ResNet18(Classifier):
     widths width*(1, 2, 4, 8), strides (1, 2, 2, 2), global average pool, linear. Defaults
     ``width: 64``, ``blocks: [2, 2, 2, 2]``."""
 
-    def __init__(self, in_channels, num_classes, image_size, tanh=False, width=64, blocks=(2, 2, 2, 2)):
-        (width,) = _positive_ints("width", width)
-        blocks = _positive_ints("blocks", blocks)
+    def __init__(self, in_channels, num_classes, image_size, tanh: Switch = False, width: Count = 64,
+                 blocks: PositiveInts = (2, 2, 2, 2)):
         layers = OrderedDict()
         widths = [width * 2 ** i for i in range(len(blocks))]
         strides = [1] + [2] * (len(blocks) - 1)
@@ -336,11 +350,8 @@ class WideResNet(Classifier):
     into the conv before it) and no dropout. Defaults ``depth: 28``, ``width: 10``.
     """
 
-    def __init__(self, in_channels, num_classes, image_size, tanh=False, depth=28, width=10):
-        (depth,) = _positive_ints("depth", depth)
-        (width,) = _positive_ints("width", width)
-        if depth < 10 or (depth - 4) % 6:
-            raise ValueError(f"model.depth must be 6n + 4 with n >= 1 (10, 16, 22, 28, ...), got {depth}")
+    def __init__(self, in_channels, num_classes, image_size, tanh: Switch = False, depth: WideResNetDepth = 28,
+                 width: Count = 10):
         per_stage = (depth - 4) // 6
         layers = OrderedDict()
         final = _residual_trunk(layers, in_channels, 16, [16 * width, 32 * width, 64 * width],
@@ -370,11 +381,8 @@ class ResNeXt34(Classifier):
     and a 2x2 average pool. Global average pool, linear. 1 + 2*15 + 2 + 1 = 34 weight layers.
     """
 
-    def __init__(self, in_channels, num_classes, image_size, tanh=False, blocks=(5, 5, 5), cardinality=2,
-                 base_width=32):
-        blocks = _positive_ints("blocks", blocks)
-        (cardinality,) = _positive_ints("cardinality", cardinality)
-        (base_width,) = _positive_ints("base_width", base_width)
+    def __init__(self, in_channels, num_classes, image_size, tanh: Switch = False, blocks: PositiveInts = (5, 5, 5),
+                 cardinality: Count = 2, base_width: Count = 32):
         layers = OrderedDict(stem=ConvBN(in_channels, base_width, 3), stem_act=ReLU())
         width = base_width
         for stage, count in enumerate(blocks):

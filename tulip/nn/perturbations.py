@@ -7,7 +7,8 @@ sample (N = C*H*W for images). Inputs are images in [0, 1].
 - Steepest-ascent directions of unit length for a gradient ``g`` (the J1 / J2 / Jinf training batches of
   Finlay, Oberman & Abbasi 2018, arXiv 1810.00953, and the finite-difference directions of Finlay &
   Oberman 2019, arXiv 1905.11468): :func:`sign_direction`, :func:`l2_direction`, :func:`max_entry_direction`.
-- :func:`loss_input_grad`: the per-sample input gradient of the cross-entropy.
+- :func:`input_grad`: per-sample input gradients ∇_x out_i of per-sample outputs, the one place Tulip
+  computes them (training penalties, attacks, measurements); :func:`loss_input_grad` for the cross-entropy.
 - :func:`frozen_eval`: eval mode with frozen parameters, restored afterwards.
 - Projected gradient descent (ascent) in the L-infinity and L2 balls: :func:`pgd_linf`, :func:`pgd_l2`.
 """
@@ -17,6 +18,8 @@ from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
+
+from tulip.nn.models import eval_mode
 
 LossFn = Callable[[torch.Tensor], torch.Tensor]  # x (B, ...) -> per-sample losses (B,)
 
@@ -77,42 +80,54 @@ def max_entry_direction(g: torch.Tensor) -> torch.Tensor:
     return one_hot.view_as(g)
 
 
-def loss_input_grad(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    r"""Per-sample gradients g_i = ∇_x CE(model(x_i), y_i), shape (B, ...), detached.
+def input_grad(outputs: torch.Tensor, x: torch.Tensor, create_graph: bool = False,
+               retain_graph: bool | None = None) -> torch.Tensor:
+    r"""∇_x Σ_i outputs_i, shape of x (B, ...): row i is g_i = ∇_{x_i} outputs_i, the per-sample
+    gradient, whenever the samples do not interact (eval-mode BatchNorm, no batch statistics).
 
-    Computed as the gradient of the *summed* loss, which equals the per-sample gradients whenever the
-    samples do not interact (eval-mode BatchNorm, no batch statistics). Only the input gradient is
-    computed: parameter ``.grad`` fields are left untouched. Call inside :func:`frozen_eval` for the
-    original method's semantics.
+    Arguments:
+        outputs (Tensor): per-sample values computed from x, shape (B,) (or any shape: they are summed;
+            a scalar is its own sum).
+        x (Tensor): the inputs, which require grad.
+        create_graph (bool): keep a graph through the gradient, for double backprop.
+        retain_graph (bool, optional): keep the graph of `outputs` for another backward pass (default:
+            create_graph, as torch.autograd.grad).
+    Only the input gradient is computed: parameter ``.grad`` fields are left untouched.
+    """
+    return torch.autograd.grad(outputs.sum(), x, create_graph=create_graph, retain_graph=retain_graph)[0]
+
+
+def loss_input_grad(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    r"""Per-sample gradients g_i = ∇_x CE(model(x_i), y_i), shape (B, ...), detached: :func:`input_grad`
+    of the cross-entropy. Call inside :func:`frozen_eval` for the original method's semantics (and for
+    exact per-sample gradients with BatchNorm).
     """
     x = x.detach().requires_grad_(True)
-    loss = F.cross_entropy(model(x), y, reduction="sum")
-    return torch.autograd.grad(loss, x)[0]
+    return input_grad(F.cross_entropy(model(x), y, reduction="sum"), x)
 
 
 @contextlib.contextmanager
 def frozen_eval(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """Eval mode with ``requires_grad=False`` on every parameter; restores both on exit.
+    """Eval mode (tulip.nn.models.eval_mode) with ``requires_grad=False`` on every parameter; restores
+    both on exit, every module's own mode included.
 
     Perturbations are computed like this (Finlay et al. 2018): BatchNorm uses its running statistics,
     dropout is off, and autograd builds no graph into the weights.
     """
-    was_training = model.training
     params = [p for p in model.parameters() if p.requires_grad]
-    model.eval()
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield model
-    finally:
+    with eval_mode(model):
         for p in params:
-            p.requires_grad_(True)
-        model.train(was_training)
+            p.requires_grad_(False)
+        try:
+            yield model
+        finally:
+            for p in params:
+                p.requires_grad_(True)
 
 
 def _ascent_grad(loss_fn: LossFn, x_adv: torch.Tensor) -> torch.Tensor:
     x_adv = x_adv.detach().requires_grad_(True)
-    return torch.autograd.grad(loss_fn(x_adv).sum(), x_adv)[0]
+    return input_grad(loss_fn(x_adv), x_adv)
 
 
 def pgd_linf(loss_fn: LossFn, x: torch.Tensor, eps: float, steps: int = 7, step_size: float = 2 / 255,

@@ -32,7 +32,7 @@ Writes into --out (default: the first input folder):
 Exit status 1 only when not a single run could be read; every unreadable run is named on stderr.
 
 The package, one job per module (none imports a later one):
-  runs.py     finding and reading run folders and multirun.yaml (also tulip.launch.callbacks' reader)
+  runs.py     finding and reading run folders and multirun.yaml (a job's own record: tulip.runs.jobs)
   tables.py   runs.csv, configurations, aggregation over seeds (pandas), report.csv and report.md
   plots.py    the figures
   pareto.py   the Pareto fronts (--front): non-dominated configurations, their figure and table
@@ -41,8 +41,8 @@ The package, one job per module (none imports a later one):
 
 
 def main(argv=None) -> int:
-    # Imported here, not at the top: tulip.launch.callbacks (loaded at the start of every Hydra job) imports
-    # tulip.report.runs, and must not pay for matplotlib and pandas on the way.
+    # Imported here, not at the top: whoever imports only tulip.report.runs (the reader of run folders)
+    # must not pay for matplotlib and pandas on the way.
     from tulip.report.cli import main as run_main
 
     return run_main(argv)

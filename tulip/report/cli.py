@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from tulip.runs.status import UNREADABLE
 from tulip.report.pareto import front_axes, recorded_objectives, write_fronts
 from tulip.report.plots import make_figures, scatter_curve
 from tulip.report.runs import normalise, read_runs, read_sweep, sweep_text
@@ -64,7 +65,7 @@ def main(argv=None) -> int:
     runs, messages = read_runs(args.inputs)
     for message in messages:
         print(f"tulip-report: {message}", file=sys.stderr)
-    if not any(run.status != "unreadable" for run in runs):
+    if not any(run.status != UNREADABLE for run in runs):
         print("tulip-report: no run could be read; nothing written", file=sys.stderr)
         return 1
 
@@ -116,7 +117,7 @@ def main(argv=None) -> int:
             report_md.write("\n".join(section) + "\n")
         for line in printed:
             print(f"tulip-report: {line}")
-    readable = sum(run.status != "unreadable" for run in runs)
+    readable = sum(run.status != UNREADABLE for run in runs)
     print(f"tulip-report: {readable}/{len(runs)} runs read, {len(configurations)} configurations -> "
           f"{out / 'report.md'}, report.csv, runs.csv, {len(plots)} figures (PDF and PNG)")
     return 0

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from tulip.runs import metric_keys
+from tulip.runs.status import Status
 from tulip.report.plots import AXIS_LABELS, new_figure, norm_label, panel_title, save, spread
 from tulip.report.style import series_style, styled
 from tulip.report.tables import fmt, fmt_csv, fmt_stats, markdown_table, stats
@@ -212,7 +213,7 @@ def zoom(ax, front: list[np.ndarray], candidates: list[np.ndarray], percent: tup
 
 def run_folders(runs: list[tuple[str, str]]) -> str:
     """A configuration's runs: the folders of its finished runs, the others with their status."""
-    return "; ".join(path if status == "finished" else f"{path} ({status})" for path, status in runs)
+    return "; ".join(path if status == Status.FINISHED else f"{path} ({status})" for path, status in runs)
 
 
 @dataclass

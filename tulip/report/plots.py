@@ -25,6 +25,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from tulip.runs import metric_keys  # noqa: E402
+from tulip.runs.status import Status  # noqa: E402
 from tulip.report.style import (DPI, LEGEND_ENTRY, MAX_COLUMNS, ROW_HEIGHT, WIDTH,  # noqa: E402
                                  row_styles, series_style, styled)
 from tulip.report.tables import as_float, fmt, stats  # noqa: E402
@@ -297,7 +298,7 @@ def plot_training_curves(stem: Path, keys, by, table: pd.DataFrame, groups: list
     records = table.to_dict("records")
     curves = {}  # (metric, row index) -> DataFrame of mean, std, count per epoch
     for index, runs in enumerate(groups):
-        epochs = pd.DataFrame([record for run in runs if run.status == "finished" for record in run.epochs])
+        epochs = pd.DataFrame([record for run in runs if run.status == Status.FINISHED for record in run.epochs])
         if metric_keys.EPOCH not in epochs:
             continue
         for metric in CURVE_METRICS:

@@ -1,31 +1,24 @@
 """Finding and reading the run folders of a sweep: overrides, Hydra's record, summary.json, metrics.jsonl
 and, for a summary without robust-error curves, the per-image distances of attacks.csv and bounds.csv.
 
-This is the one reader of a job folder: tulip.launch.callbacks.collect_jobs (the end-of-sweep table) reads the
-same files through `job_folders`, `read_summary` and `read_overrides`, so both see the same overrides.
-It imports nothing from tulip.launch.callbacks, which imports it.
+A job's summary and overrides are read as the end-of-sweep table and the sweeper read them
+(tulip.runs.jobs), so all three name a job by the same overrides.
 """
 import csv
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from hydra.errors import HydraException
 
 from tulip.runs import metric_keys
+from tulip.runs.folder import RunFolder
+from tulip.runs.status import STATUS, UNREADABLE
+from tulip.runs.jobs import natural_order, read_overrides, read_yaml, summary_or_problem
 from tulip.runs.targets import upgrade_targets
-from tulip.runs.folder import RunFolder, RunFolderError
 
-# Per-image columns of attacks.csv and bounds.csv that are not distances of an attack or certificate:
-# the image itself, the first/second-order estimates (lower-bound guesses, not attacks) and the global
-# certificate (kept for comparison; the certified curve is that of certified_l2).
-NOT_DISTANCES = ("index", "label", "prediction", "first_order_l2", "second_order_l2", "certified_global_l2")
-CERTIFIED_COLUMN = "certified_l2"  # bounds.csv (older runs: attacks.csv): the certified L2 radii
-NO_SUMMARY = "no summary.json (crashed before writing it, or still running)"
 
 
 @dataclass
@@ -54,11 +47,6 @@ class Run:
         return bool(self.overrides or self.choices or self.config)
 
 
-def natural_order(path: Path) -> list:
-    """Job 2 before job 10."""
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name)]
-
-
 def find_run_folders(root: Path) -> list[Path]:
     """Run folders at or below `root`, in natural order (job 2 before job 10)."""
     if RunFolder(root).summary_file.exists() or (root / ".hydra").is_dir():
@@ -66,13 +54,6 @@ def find_run_folders(root: Path) -> list[Path]:
     children = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
                       key=natural_order)
     return [run for child in children for run in find_run_folders(child)]
-
-
-def job_folders(sweep_dir: Path) -> list[Path]:
-    """The job folders directly inside a sweep folder (those holding `.hydra/`), numbered jobs first
-    in number order, then any others by name."""
-    folders = [f for f in Path(sweep_dir).iterdir() if (f / ".hydra").is_dir()]
-    return sorted(folders, key=lambda f: (not f.name.isdigit(), natural_order(f)))
 
 
 def normalise(value):
@@ -101,13 +82,6 @@ def lookup(config: dict, dotted_key: str):
             return None
         node = node[part]
     return node
-
-
-def read_yaml(path: Path):
-    try:
-        return yaml.safe_load(path.read_text()) if path.exists() else None
-    except yaml.YAMLError:
-        return None
 
 
 _PARSER = OverridesParser.create()
@@ -148,35 +122,13 @@ def parse_overrides(overrides) -> dict:
     return parsed
 
 
-def read_summary(path: Path) -> tuple[dict, str]:
-    """(summary.json, "") or ({}, why it cannot be read): NO_SUMMARY when there is none yet. A run killed
-    while writing, or still running, is reported rather than raising."""
-    folder = RunFolder(path)
-    if not folder.summary_file.exists():
-        return {}, NO_SUMMARY
-    try:
-        return folder.read_summary(), ""
-    except RunFolderError as error:
-        return {}, str(error)
-
-
-def read_overrides(path: Path, summary: dict) -> list[str]:
-    """The overrides a job ran with, as written: summary.json's own record, else .hydra/overrides.yaml.
-    summary.json first because it holds them next to the numbers they produced: a sweep relaunched into
-    the same folder rewrites .hydra/ for a job it then skips as finished, leaving the old summary."""
-    overrides = summary.get("overrides")
-    if overrides is None:
-        overrides = read_yaml(path / ".hydra" / "overrides.yaml")
-    return [str(o) for o in overrides] if isinstance(overrides, list) else []
-
-
 def read_run(path: Path) -> Run:
     folder = RunFolder(path)
-    summary, problem = read_summary(path)
+    summary, problem = summary_or_problem(path)
     choices = lookup(read_yaml(path / ".hydra" / "hydra.yaml") or {}, "hydra.runtime.choices") or {}
     config = upgrade_targets(read_yaml(path / ".hydra" / "config.yaml") or {})
     overrides = parse_overrides(read_overrides(path, summary))
-    status = "unreadable" if problem else str(summary.get("status", "unknown"))
+    status = UNREADABLE if problem else str(summary.get(STATUS, "unknown"))
     return Run(path, overrides, choices, config, status, summary, folder.read_metrics(), problem)
 
 
@@ -260,30 +212,36 @@ def distance_curve(distances: np.ndarray, norm: str, config: dict) -> dict[float
 def read_attack_curves(path: Path, config: dict) -> dict:
     """Robust-error curves from the per-image distances of a run folder, for a summary.json without them.
 
-    attacks.csv's columns `<attack>_<norm>` hold adversarial distances (0: already misclassified, inf:
-    the attack failed), bounds.csv's `certified_l2` the certified radii (older runs wrote it into
-    attacks.csv). The robust error at ε is the % of images at distance ≤ ε.
+    attacks.csv's distance columns (metric_keys.distance_column) hold adversarial distances (0: already
+    misclassified, inf: the attack failed), bounds.csv's `certified_l2` the certified radii (older runs
+    wrote it into attacks.csv). The robust error at ε is the % of images at distance ≤ ε.
     Returns {metric_keys.robust_error(...) or metric_keys.certified_error(...): %}.
     """
     folder = RunFolder(path)
     columns = read_columns(folder.csv_file("attacks"))
-    certified = read_columns(folder.csv_file("bounds")).get(CERTIFIED_COLUMN)
-    if certified is not None:  # bounds.csv is the newer record of the certificate
-        columns[CERTIFIED_COLUMN] = certified
+    # bounds.csv is the newer record of the certificate; older runs wrote it into attacks.csv
+    certified = read_columns(folder.csv_file("bounds")).get(metric_keys.CERTIFIED_COLUMN,
+                                                            columns.get(metric_keys.CERTIFIED_COLUMN))
     curves = {}
     for column, values in columns.items():
-        name, _, norm = column.rpartition("_")
-        if not name or column in NOT_DISTANCES:
-            continue
-        try:
-            distances = np.array([float(v) for v in values])
-        except (TypeError, ValueError):
-            continue
-        for eps, error in distance_curve(distances, norm, config).items():
-            key = (metric_keys.certified_error(eps) if column == CERTIFIED_COLUMN
-                   else metric_keys.robust_error(name, norm, eps))
-            curves[key] = error
+        parsed = metric_keys.parse_distance_column(column)
+        distances = _floats(values) if parsed is not None else None
+        if distances is not None:
+            for eps, error in distance_curve(distances, parsed.norm, config).items():
+                curves[metric_keys.robust_error(parsed.attack, parsed.norm, eps)] = error
+    distances = _floats(certified) if certified is not None else None
+    if distances is not None:
+        for eps, error in distance_curve(distances, "l2", config).items():
+            curves[metric_keys.certified_error(eps)] = error
     return curves
+
+
+def _floats(values: list) -> np.ndarray | None:
+    """A csv column as numbers; None for a column that does not hold numbers."""
+    try:
+        return np.array([float(v) for v in values])
+    except (TypeError, ValueError):
+        return None
 
 
 def read_runs(inputs: list[Path]) -> tuple[list[Run], list[str]]:

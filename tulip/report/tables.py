@@ -16,9 +16,9 @@ import numpy as np
 import pandas as pd
 
 from tulip.runs import metric_keys
+from tulip.runs.status import READ_STATUSES, Status
 from tulip.report.runs import Run, normalise
 
-STATUSES = ("finished", "failed", "diverged", "unreadable")
 # Keys that never define a configuration: the seed is aggregated over, wandb.* only names the log,
 # hydra.* and hydra/* (launcher, sweeper) only say where and how the job ran.
 NOT_CONFIGURATION = ("seed", "wandb.*", "hydra.*", "hydra/*")
@@ -131,7 +131,7 @@ class RunTable:
     def from_runs(cls, runs: list[Run], by: str | None) -> "RunTable":
         overrides = sorted({k for run in runs for k in run.overrides} - {by, SEED})
         columns = ([by] if by else []) + overrides + ([SEED] if by != SEED else [])
-        metrics = numeric_keys(runs)
+        metrics = [k for k in numeric_keys(runs) if k not in columns]  # threads=1 also in summary.json: one column
         frame = pd.DataFrame([[str(run.path), run.summary.get(metric_keys.WANDB_RUN_PATH) or "", run.status]
                               + [run.value(k) for k in columns] for run in runs],
                              columns=RUN_COLUMNS + columns, dtype=object)
@@ -211,7 +211,7 @@ def aggregate(table: RunTable, keys: list[str], metrics: list[str], order=()) ->
     config = pd.Series([position[c] for c in frame[keys].itertuples(index=False, name=None)], dtype=int)
     every = pd.RangeIndex(len(configs))
 
-    finished = frame["status"] == "finished"
+    finished = frame["status"] == Status.FINISHED
     values = frame.loc[finished, metrics].astype(float)
     has = present.loc[finished, metrics]
     groups = config[finished]
@@ -223,10 +223,10 @@ def aggregate(table: RunTable, keys: list[str], metrics: list[str], order=()) ->
     nulls = (has & values.isna()).groupby(groups).sum().reindex(index=every, columns=metrics, fill_value=0)
     mean, std = mean.mask(nulls > 0), std.mask(nulls > 0)
 
-    statuses = list(dict.fromkeys(list(STATUSES) + list(frame["status"])))
+    statuses = list(dict.fromkeys(list(READ_STATUSES) + list(frame["status"])))
     by_status = pd.crosstab(config, frame["status"]).reindex(index=every, columns=statuses, fill_value=0)
     parts = [pd.DataFrame(configs, columns=keys, dtype=object),
-             pd.DataFrame({"seeds": by_status["finished"].to_numpy()}),
+             pd.DataFrame({"seeds": by_status[Status.FINISHED].to_numpy()}),
              by_status.add_prefix("n_").reset_index(drop=True),
              pd.DataFrame({"status": [status_text(row) for row in by_status.to_dict("records")]})]
     for metric in metrics:
@@ -370,7 +370,7 @@ def write_markdown(path: Path, inputs, keys, runs, table: pd.DataFrame, metrics,
             rows.append(cells + ([row["status"]] if with_status else []))
         lines += [title, ""] + markdown_table(header, rows) + [""]
 
-    problems = [run for run in runs if run.status != "finished"]
+    problems = [run for run in runs if run.status != Status.FINISHED]
     lines += ["## Failed, diverged and unreadable runs", ""]
     if problems:
         rows = [[f"`{run.path}`", run.status, fmt(run.value(SEED)),

@@ -1,4 +1,4 @@
-"""A run folder and everything in it: paths, atomic writers, summary.json, and loading a run back.
+"""A run folder and everything in it: paths, atomic writers, the lock, checkpoints, summary.json.
 
     <run folder>/
         checkpoints/last.pt   the latest epoch: weights, optimizer, scheduler, RNG states, config, history
@@ -16,6 +16,8 @@ the old complete file or the new complete file, never half of one. Checkpoints a
 ``weights_only=True``, so a checkpoint holds tensors and plain data but never runs pickled code. One
 process at a time writes a folder (`RunFolder.writer_lock`). A file that cannot be read is reported with
 its path and left as it is.
+
+Only files: building the data and the model a checkpoint belongs to is tulip.build's job.
 """
 import contextlib
 import csv
@@ -33,11 +35,6 @@ from pathlib import Path
 from typing import Callable, IO
 
 import torch
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
-
-from tulip.config import ConfigError
-from tulip.data import Data, load_dataset
 from tulip.runs.targets import upgrade_targets
 
 log = logging.getLogger(__name__)
@@ -246,40 +243,3 @@ class RunFolder:
             writer.writerows(zip(*columns.values()))
         replace_atomically(self.csv_file(name), write)
 
-
-# --- loading a run back -----------------------------------------------------------------------------
-
-def build_model(cfg: DictConfig, data: Data, device: torch.device) -> torch.nn.Module:
-    # called through a partial so that the model's own ValueError reaches the user unwrapped
-    model = instantiate(cfg.model, _partial_=True)(
-        in_channels=data.in_channels, num_classes=data.num_classes, image_size=data.image_size)
-    return model.to(device)
-
-
-@dataclass
-class LoadedRun:
-    folder: RunFolder
-    cfg: DictConfig  # the config the run was trained with
-    model: torch.nn.Module  # the checkpoint's weights, eval mode, on the device
-    data: Data
-    checkpoint: dict
-
-
-def load_run(path: Path | str, device: torch.device, which: str = "best") -> LoadedRun:
-    """Rebuild a finished (or running) run's data and model from its checkpoint, for evaluation."""
-    folder = RunFolder(path)
-    checkpoint_path = folder.checkpoint(which)
-    if not checkpoint_path.is_file():
-        raise FileNotFoundError(f"run_dir={path}: no checkpoint {checkpoint_path.name} in "
-                                f"{checkpoint_path.parent} (is this a Tulip run folder that trained at "
-                                f"least one epoch?)")
-    state = folder.load_checkpoint(which, device)
-    cfg = OmegaConf.create(state["config"])
-    data = load_dataset(cfg.dataset, device)
-    model = build_model(cfg, data, device)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as error:
-        raise ConfigError(f"checkpoint {checkpoint_path} does not fit the model it was saved with "
-                          f"(model={cfg.model.get('_target_')}): {error}") from error
-    return LoadedRun(folder, cfg, model.eval(), data, state)

@@ -11,7 +11,7 @@ The keys are the names of the per-epoch rows of metrics.jsonl, of summary.json a
     weights/product_2inf, _spectral         largest row norm / spectral norm of the linearized network
     weights/layer_norm_product              product of guaranteed bounds on the layers' operator norms: an
                                             upper bound, by theorem, on the logits' L2 Lipschitz constant
-                                            (summary.json only: 25 s for a ResNet-18, too slow per epoch)
+                                            (summary.json only: too slow per epoch on a ResNet)
     weights/layer_norm_estimate             the same product of power-iteration estimates (per epoch)
     model/tanh_scale                        the bounded head's t (model.tanh=true only)
     time/epoch_s                            wall time of the epoch, measurements included
@@ -160,6 +160,46 @@ def summary(stat: str) -> str:
     return f"summary/{stat}"
 
 
+# --- the per-image columns of attacks.csv and bounds.csv --------------------------------------------
+
+# bounds.csv: the certified L2 radius (its curve is cert/error_pct_l2@<eps>), the global certificate kept
+# for comparison, and the first/second-order estimates (lower-bound guesses, not attacks). Older runs
+# wrote them into attacks.csv.
+CERTIFIED_COLUMN = "certified_l2"
+CERTIFIED_GLOBAL_COLUMN = "certified_global_l2"
+FIRST_ORDER_COLUMN = "first_order_l2"
+SECOND_ORDER_COLUMN = "second_order_l2"
+BOUNDS_COLUMNS = (CERTIFIED_COLUMN, CERTIFIED_GLOBAL_COLUMN, FIRST_ORDER_COLUMN, SECOND_ORDER_COLUMN)
+
+
+class DistanceColumn(NamedTuple):
+    """An attacks.csv column of per-image distances: `<attack>_<norm>` (the attack, or "best")."""
+    attack: str
+    norm: str  # one of NORMS
+
+    def __str__(self) -> str:
+        return f"{self.attack}_{self.norm}"
+
+
+_DISTANCE_COLUMN = re.compile(rf"^(?P<attack>.+)_(?P<norm>{'|'.join(NORMS)})$")
+
+
+def distance_column(attack_name: str, norm: str) -> str:
+    """The attacks.csv column of an attack's per-image distances in `norm`: ``<attack>_<norm>``."""
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    return str(DistanceColumn(attack_name, norm))
+
+
+def parse_distance_column(column: str) -> DistanceColumn | None:
+    """The attack and norm of an attacks.csv distance column; None for the image's own columns (index,
+    label, prediction) and the bounds' columns older runs wrote there."""
+    match = _DISTANCE_COLUMN.match(column)
+    if match is None or column in BOUNDS_COLUMNS:
+        return None
+    return DistanceColumn(match["attack"], match["norm"])
+
+
 # Globs for the report's default columns and plots: attacks, the certificate, older runs' certificate.
 ROBUST_ERROR_GLOBS = (attack("*", "error_pct*@*"), f"{CERTIFIED_ERROR_STEM}@*", f"{LEGACY_CERTIFIED_ERROR_STEM}@*")
 
@@ -203,12 +243,21 @@ def parse_robust_error(key: str) -> RobustErrorKey | None:
                           eps=match["eps"], stem=key.split("@")[0])
 
 
-# Every fixed key above that holds one number (not the prefixes, stems, tables or W&B names): what
-# `objectives` may name besides the patterned keys.
-_NOT_NUMBERS = {"ATTACK_PER_IMAGE", "CERT_CURVE"}
-FIXED_KEYS = frozenset(value for name, value in list(globals().items())
-                       if name.isupper() and isinstance(value, str) and "/" in value and not value.endswith("/")
-                       and "STEM" not in name and not name.startswith("WANDB") and name not in _NOT_NUMBERS)
+# Every fixed key above that holds one number (not the prefixes, stems, tables or W&B names, nor epoch
+# and lr): what `objectives` may name besides the patterned keys.
+FIXED_KEYS = frozenset((
+    TRAIN_LOSS, TRAIN_ERROR, TEST_ERROR, TEST_LOSS,
+    LOSS_GRAD_MAX, LOSS_GRAD_MEAN, JACOBIAN_2INF,
+    PRODUCT_2INF, PRODUCT_SPECTRAL, LAYER_NORM_PRODUCT, LAYER_NORM_ESTIMATE, TANH_SCALE,
+    EPOCH_TIME, SETUP_TIME, TRAIN_TIME, FINAL_MEASURE_TIME, ATTACK_TIME, BOUNDS_TIME, NN_TIME,
+    BEST_TEST_ERROR, BEST_EPOCH,
+    ATTACKED_IMAGES, ATTACKED_CLEAN_ERROR,
+    BOUNDS_GRAD_NORM_MAX, BOUNDS_FIRST_ORDER_MEDIAN, BOUNDS_SECOND_ORDER_MEDIAN, BOUNDS_HESSIAN_NORM_MAX,
+    BOUNDS_CERTIFIED_MEDIAN,
+    CERT_MEDIAN, CERT_TIGHTNESS, CERT_LIPSCHITZ_UPPER, CERT_FEATURE_LIPSCHITZ_UPPER, CERT_LIPSCHITZ_ESTIMATE,
+    CERT_PAIRWISE,
+    LIPSCHITZ_EMPIRICAL_MAX, LIPSCHITZ_UPPER_OVER_LOWER,
+))
 _ATTACK_DISTANCE = re.compile(r"^attack/[^/]+/(median|mean)_[a-z0-9]+$")
 
 

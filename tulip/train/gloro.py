@@ -23,7 +23,8 @@ from torch import nn
 
 from tulip.nn.lipschitz import conv_adjoint
 from tulip.nn.models import ConvBN, ReLU
-from tulip.train.objective import ArgumentError, Model, Penalty, TrainingBatch, nonnegative, positive_int
+from tulip.schema import ConfigError, Iterations, NonNegative
+from tulip.train.objective import Model, Penalty, TrainingBatch
 
 CERTIFIABLE = "a chain of convolutions without BatchNorm, linear layers, ReLU and flatten (e.g. model=cnn_4c3f)"
 
@@ -45,7 +46,7 @@ def certifiable_layers(model: Model) -> tuple[list[nn.Module], nn.Linear]:
     return body, children[-1]
 
 
-class LayerNorms:
+class PowerIterationNorms:
     """Per-layer L2 operator-norm estimates of a conv/linear chain; differentiable in the weights."""
 
     def __init__(self, layers: list[nn.Module], input_shape: tuple[int, ...]):
@@ -100,22 +101,22 @@ class GloroPenalty(Penalty):
     the vectors persist, and start from ``warmup`` steps, default 100)."""
     switch = "eps"
 
-    def __init__(self, eps: float = 0.0, iterations: int = 1, warmup: int = 100):
-        self.eps = nonnegative("eps", eps)
-        self.iterations, self.warmup = positive_int("iterations", iterations), positive_int("warmup", warmup)
-        self.norms: LayerNorms | None = None
+    def __init__(self, eps: NonNegative = 0.0, iterations: Iterations = 1, warmup: Iterations = 100):
+        self.eps = float(eps)
+        self.iterations, self.warmup = iterations, warmup
+        self.norms: PowerIterationNorms | None = None
         self._saved: dict | None = None
 
     def prepare(self, model: Model) -> None:
         try:
             self.body, self.head = certifiable_layers(model)
         except ValueError as error:
-            raise ArgumentError("eps", self.eps, f"a model that is {CERTIFIABLE}; {error}") from None
+            raise ConfigError("eps", self.eps, f"a model that is {CERTIFIABLE}; {error}") from None
         if hasattr(model, "input_shape"):  # Tulip's models know it; others start at their first batch
             self._start(tuple(model.input_shape))
 
     def _start(self, input_shape: tuple[int, ...]) -> None:
-        self.norms = LayerNorms(self.body, input_shape)
+        self.norms = PowerIterationNorms(self.body, input_shape)
         if self._saved is not None:  # resuming: continue from the checkpointed vectors
             self.norms.vectors = [v.to(self.head.weight.device) for v in self._saved["vectors"]]
         else:

@@ -1,11 +1,12 @@
 """Training one run: build everything from the config, train, measure every epoch, checkpoint.
 
-Read top to bottom: `train` builds the data, model, objective, optimizer and schedule, resumes from
-`checkpoints/last.pt` when the folder holds one, decides once how the step runs on the device
-(tulip.train.step: precision, channels_last, compile), then loops over epochs. Each epoch is a flat loop of
-steps followed by the test-set measurements of tulip.evaluate.measures. After the last epoch the best
-checkpoint goes through the final evaluation it was handed (tulip.evaluate.final, built before training)
-and summary.json is written, whatever happened.
+`train` is three steps. `_start_or_resume` builds the data, model, objective, optimizer and schedule,
+and resumes from `checkpoints/last.pt` when the folder holds one (its config must agree on
+`TRAINING_STATE`). `_train_epochs` loops over the epochs left: each a flat loop of steps (the step's
+device setup decided once by tulip.train.step: precision, channels_last, compile) followed by the
+test-set measurements of tulip.evaluate.measures and the checkpoints. `_finish` puts the best checkpoint
+through the final evaluation it was handed (tulip.evaluate.final, built before training). summary.json
+is written, whatever happened.
 """
 import contextlib
 import logging
@@ -22,13 +23,15 @@ from tqdm import tqdm
 
 from tulip.runs import metric_keys
 from tulip.config import ConfigError, resolve_device
-from tulip.data import Data, load_dataset
+from tulip.data import Data, check_batch_fits, load_dataset
 from tulip.nn.lipschitz import layer_norm_bound
 from tulip.evaluate.measures import class_balanced_subset, measure
-from tulip.train.objective import build_objective
-from tulip.runs.folder import RunFolder, RunFolderError, build_model
+from tulip.train.objective import Objective, build_objective
+from tulip.build import build_model
+from tulip.runs.folder import RunFolder, RunFolderError
+from tulip.runs.status import STATUS, Status
 from tulip.seeding import rng_state, seed_everything, set_rng_state
-from tulip.train.step import prepare_step
+from tulip.train.step import StepSetup, prepare_step
 from tulip.runs.tracking import RunContext, Tracker
 
 # The final evaluation: (model, data, folder, tracker) -> metrics (tulip.evaluate.final.Evaluation).
@@ -36,15 +39,18 @@ FinalEvaluation = Callable[[torch.nn.Module, Data, RunFolder, Tracker], dict]
 
 log = logging.getLogger(__name__)
 
-# Config sections that do not change what training computes: a run may be resumed (or re-evaluated)
-# with different values of these.
-# The device and the thread count change rounding, not the math: a GPU job may go on on the CPU and back.
-# So do channels_last and compile (memory layout, fused kernels); precision=bf16 changes what each step
-# computes, so it is training state.
-NOT_TRAINING_STATE = ("wandb", "attack", "eval", "mode", "run_dir", "device", "threads", "channels_last",
-                      "compile")
+# The config keys that are training state: what the weights, the optimizer's state and the random
+# streams depend on, and which epoch is the best (chosen on the test error, so the dataset's test set).
+# A run resumes only with the same values of these; every other key may change between attempts:
+# test_batch_size, eval.* and attack.* only measure, wandb.* only shows; the device and the thread count
+# change rounding, not the math (a GPU job may go on on the CPU and back), and so do channels_last and
+# compile (memory layout, fused kernels). precision=bf16 changes what each step computes: training state.
+TRAINING_STATE = ("model", "dataset", "reg", "optim", "scheduler", "seed", "epochs", "batch_size", "precision")
 # Training-state keys added after runs had been saved without them, with the value those runs trained with.
 SAVED_BEFORE_THE_KEY = {"precision": "fp32"}
+# What a rerun in a finished run's folder must match, besides the training state, to be skipped: the
+# final evaluation's settings (a changed attack or eval section re-runs the final evaluation).
+FINAL_EVALUATION_SETTINGS = ("attack", "eval", "test_batch_size")
 
 
 class Diverged(Exception):
@@ -61,13 +67,8 @@ class TrainState:
     history: list = field(default_factory=list)  # one metrics dict per completed epoch
 
 
-def _training_config(config: dict) -> dict:
-    return {k: v for k, v in config.items() if k not in NOT_TRAINING_STATE}
-
-
-# What a rerun in a finished run's folder must match to be skipped: everything but where and how it
-# is shown (a changed attack or eval section re-runs the final evaluation).
-NOT_REQUESTED = ("wandb", "mode", "run_dir", "device", "threads", "channels_last", "compile")
+def _selected(config: dict, keys: tuple[str, ...]) -> dict:
+    return {key: config.get(key) for key in keys}
 
 
 def _checkpoint_to_resume(folder: RunFolder, device: torch.device) -> dict:
@@ -135,130 +136,184 @@ def train_one_epoch(model, objective, optimizer, data: Data, batch_size: int, ep
 
 
 def _build(node: DictConfig, key: str, *args):
-    """instantiate(node)(*args) for a `_partial_` node; a bad argument becomes a ConfigError naming `key`."""
+    """instantiate(node)(*args) for a `_partial_` node. Its values passed the schema (tulip.schema.TORCH_SCHEMAS);
+    an argument torch still rejects (a misspelt one, a combination) becomes a ConfigError naming `key`."""
     try:
         return instantiate(node)(*args)
     except (TypeError, ValueError) as error:
-        raise ConfigError(f"{key} ({node.get('_target_')}) is invalid: {error}") from error
+        target = node.get("_target_")
+        raise ConfigError(key, target, f"arguments that {target} accepts ({error})") from None
 
 
-def train(cfg: DictConfig, folder: RunFolder, context: RunContext, evaluate: FinalEvaluation) -> dict:
-    """Train the configured model in `folder`; return the final metrics (NaN on divergence)."""
-    job_start = time.time()
+@dataclass
+class Training:
+    """A run's parts, built from its config (and its last checkpoint, resuming), that the epochs train."""
+    cfg: DictConfig
+    config: dict  # cfg resolved, as every checkpoint saves it
+    device: torch.device
+    data: Data
+    model: torch.nn.Module
+    objective: Objective
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    state: TrainState = field(default_factory=TrainState)
+    finished: dict | None = None  # the metrics of this very run, when the folder holds it finished
+
+    @property
+    def lipschitz_images(self) -> torch.Tensor | None:
+        """The per-epoch Lipschitz figures' test images: fixed (seed 0, its own generator), so runs of
+        every seed measure the same ones."""
+        return class_balanced_subset(self.data.test_y, self.cfg.eval.n, seed=0)
+
+
+def _start_or_resume(cfg: DictConfig, folder: RunFolder) -> Training:
+    """Everything training needs, seeded; resumed from checkpoints/last.pt when the folder holds one."""
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     data = load_dataset(cfg.dataset, device)
-    if len(data.train_y) < cfg.batch_size:
-        raise ConfigError(f"batch_size={cfg.batch_size} is invalid: the training set of dataset "
-                          f"{cfg.dataset._target_} has only {len(data.train_y)} images")
+    check_batch_fits(data, cfg.batch_size, cfg.dataset._target_)
     model = build_model(cfg, data, device)
-    objective = build_objective(cfg.reg, model)  # its ValueError names the reg.* key
+    objective = build_objective(cfg.reg, model)  # its ConfigError names the reg.* key
     optimizer = _build(cfg.optim, "optim", model.parameters())
     scheduler = _build(cfg.scheduler, "scheduler", optimizer)
-    config = OmegaConf.to_container(cfg, resolve=True)
-
+    run = Training(cfg, OmegaConf.to_container(cfg, resolve=True), device, data, model, objective, optimizer,
+                   scheduler)
     folder.path.mkdir(parents=True, exist_ok=True)
-    state = TrainState()
     if folder.checkpoint("last").exists():
-        saved = _checkpoint_to_resume(folder, device)
-        saved_config = {**SAVED_BEFORE_THE_KEY, **saved["config"]}
-        changed = _differing_keys(_training_config(saved_config), _training_config(config))
-        if changed:
-            raise ConfigError(f"{folder.path} holds a checkpoint of a run with a different config "
-                              f"(differs in: {', '.join(changed)}); refusing to overwrite it. "
-                              f"Use another hydra.run.dir or the same config to resume.")
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        objective.load_state_dict(saved["objective"])
-        set_rng_state(saved["rng"])
-        state = TrainState(saved["epoch"], saved["best_error"], saved["best_epoch"], list(saved["history"]))
-        log.info("resuming %s from epoch %d", folder.path, state.epoch)
-        finished = folder.read_summary()
-        if (state.epoch == cfg.epochs and finished.get("status") == "finished"
-                and not _differing_keys(*({k: v for k, v in c.items() if k not in NOT_REQUESTED}
-                                          for c in (saved_config, config)))):
-            log.info("%s already holds this finished run: nothing to do (mode=evaluate run_dir=%s "
-                     "re-evaluates it)", folder.path, folder.path)
-            return {k: v for k, v in finished.items()
-                    if k not in ("status", "overrides", "error") and not k.startswith(metric_keys.WANDB_PREFIX)}
-    folder.write_metrics_history(state.history)
-    setup = prepare_step(cfg, model, objective, data, device)  # torch.compile compiles here
+        _resume(run, folder)
+    return run
 
+
+def _resume(run: Training, folder: RunFolder) -> None:
+    """Load the last checkpoint into `run` (its config must agree on the training state); mark the run
+    finished when the folder already holds it finished with the same final-evaluation settings."""
+    saved = _checkpoint_to_resume(folder, run.device)
+    saved_config = {**SAVED_BEFORE_THE_KEY, **saved["config"]}
+    changed = _differing_keys(_selected(saved_config, TRAINING_STATE), _selected(run.config, TRAINING_STATE))
+    if changed:
+        raise ConfigError(f"{folder.path} holds a checkpoint of a run with a different config "
+                          f"(differs in: {', '.join(changed)}); refusing to overwrite it. "
+                          f"Use another hydra.run.dir or the same config to resume.")
+    run.model.load_state_dict(saved["model"])
+    run.optimizer.load_state_dict(saved["optimizer"])
+    run.scheduler.load_state_dict(saved["scheduler"])
+    run.objective.load_state_dict(saved["objective"])
+    set_rng_state(saved["rng"])
+    run.state = TrainState(saved["epoch"], saved["best_error"], saved["best_epoch"], list(saved["history"]))
+    log.info("resuming %s from epoch %d", folder.path, run.state.epoch)
+    summary = folder.read_summary()
+    requested = TRAINING_STATE + FINAL_EVALUATION_SETTINGS
+    if (run.state.epoch == run.cfg.epochs and summary.get(STATUS) == Status.FINISHED
+            and not _differing_keys(_selected(saved_config, requested), _selected(run.config, requested))):
+        log.info("%s already holds this finished run: nothing to do (mode=evaluate run_dir=%s "
+                 "re-evaluates it)", folder.path, folder.path)
+        run.finished = {k: v for k, v in summary.items()
+                        if k not in (STATUS, "overrides", "error") and not k.startswith(metric_keys.WANDB_PREFIX)}
+
+
+def _train_epochs(run: Training, setup: StepSetup, folder: RunFolder, tracker: Tracker) -> None:
+    """The epochs after the last completed one: each trains, measures on the test set, saves last.pt
+    (and best.pt at a new lowest test error), appends its row to metrics.jsonl and logs it. Raises
+    Diverged at a NaN/Inf loss."""
+    cfg, state = run.cfg, run.state
+    progress = sys.stderr.isatty()
+    lipschitz_images = run.lipschitz_images
+    for epoch in range(state.epoch + 1, cfg.epochs + 1):
+        started = time.perf_counter()
+        metrics = {metric_keys.EPOCH: epoch, metric_keys.LR: run.optimizer.param_groups[0]["lr"]}
+        metrics.update(train_one_epoch(setup.model, run.objective, run.optimizer, run.data, cfg.batch_size,
+                                       epoch, progress, setup.autocast, setup.memory_format))
+        run.scheduler.step()
+        # The plain model, outside autocast, from here on: the measurements, the checkpoints and the
+        # final evaluation are float32 whatever `precision` is (a certificate or Lipschitz bound
+        # computed in bf16 would not be sound), and the checkpoint holds the model's own state_dict
+        # (torch.compile's wrapper would prefix every key with `_orig_mod.`).
+        metrics.update(measure(run.model, run.data.test_x, run.data.test_y, cfg.test_batch_size, lipschitz_images,
+                               lipschitz=epoch % cfg.eval.every == 0 or epoch == cfg.epochs,
+                               guaranteed_bound=False))
+        metrics[metric_keys.EPOCH_TIME] = time.perf_counter() - started
+        state.epoch = epoch
+        state.history.append(metrics)
+        if metrics[metric_keys.TEST_ERROR] < state.best_error:
+            state.best_error, state.best_epoch = metrics[metric_keys.TEST_ERROR], epoch
+        _save_checkpoints(run, folder)
+        folder.append_metrics(metrics)
+        tracker.log(metrics)
+        grad_max = metrics.get(metric_keys.LOSS_GRAD_MAX)  # absent between eval.every epochs
+        log.info("epoch %d/%d  train err %.2f%%  test err %.2f%%  loss grad max %s  %.1fs",
+                 epoch, cfg.epochs, metrics[metric_keys.TRAIN_ERROR], metrics[metric_keys.TEST_ERROR],
+                 "-" if grad_max is None else f"{grad_max:.3g}", metrics[metric_keys.EPOCH_TIME])
+
+
+def _save_checkpoints(run: Training, folder: RunFolder) -> None:
+    """last.pt after every epoch, best.pt too when this epoch is the best so far."""
+    state = run.state
+    saved = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+             "scheduler": run.scheduler.state_dict(), "objective": run.objective.state_dict(),
+             "epoch": state.epoch, "rng": rng_state(),
+             "config": run.config, "best_error": state.best_error,
+             "best_epoch": state.best_epoch, "history": state.history}
+    if state.best_epoch == state.epoch:
+        folder.save_checkpoint(saved, "best")
+    folder.save_checkpoint(saved, "last")
+
+
+def _finish(run: Training, folder: RunFolder, tracker: Tracker, evaluate: FinalEvaluation,
+            summary: dict) -> dict:
+    """After the last epoch: the summary's figures on the whole test set, then the final evaluation of
+    the best checkpoint. Returns the final metrics; `summary` gets them, their timings and `finished`."""
+    summary[metric_keys.TRAIN_TIME] = (final_start := time.time()) - summary["time/first_step"]
+    # The summary's figures: all of them on the whole test set, the guaranteed bound included. With
+    # eval.n covering the test set the last epoch measured everything else already.
+    final = dict(run.state.history[-1])
+    if run.lipschitz_images is None:
+        final[metric_keys.LAYER_NORM_PRODUCT] = layer_norm_bound(run.model, run.data.test_x.shape[1:])
+    else:
+        final.update(measure(run.model, run.data.test_x, run.data.test_y, run.cfg.test_batch_size))
+    summary[metric_keys.FINAL_MEASURE_TIME] = time.time() - final_start
+    run.model.load_state_dict(folder.load_checkpoint("best", run.device)["model"])
+    run.model.eval()
+    final.update(evaluate(run.model, run.data, folder, tracker))
+    summary.update(final)
+    summary.update({STATUS: Status.FINISHED, "epoch": run.state.epoch,
+                    metric_keys.BEST_TEST_ERROR: run.state.best_error, metric_keys.BEST_EPOCH: run.state.best_epoch})
+    return final
+
+
+def train(cfg: DictConfig, folder: RunFolder, context: RunContext, evaluate: FinalEvaluation) -> dict:
+    """Train the configured model in `folder`; return the final metrics (NaN on divergence).
+
+    `_start_or_resume`, `_train_epochs`, `_finish`. summary.json is written however the epochs end:
+    finished, diverged (NaN metrics returned, so a sweep goes on) or failed (the exception goes on up).
+    A folder that already holds this run finished is left as it is.
+    """
+    job_start = time.time()
+    run = _start_or_resume(cfg, folder)
+    if run.finished is not None:
+        return run.finished
+    folder.write_metrics_history(run.state.history)
+    setup = prepare_step(cfg, run.model, run.objective, run.data, run.device)  # torch.compile compiles here
     tracker_start = time.time()
     tracker = Tracker(cfg, folder, context)
-    for row in state.history:  # a new attempt's W&B run also shows the epochs before it
+    for row in run.state.history:  # a new attempt's W&B run also shows the epochs before it
         tracker.log(row)
-    phase_times = {metric_keys.SETUP_TIME: tracker_start - job_start,
-                   metric_keys.WANDB_INIT_TIME: time.time() - tracker_start}
-    progress = sys.stderr.isatty()
-    # The per-epoch Lipschitz figures' images: fixed (seed 0), so runs of every seed measure the same ones.
-    lipschitz_images = class_balanced_subset(data.test_y, cfg.eval.n, seed=0)
     # tracker.identity: this attempt's W&B run, which mode=evaluate and mode=summary log next to
-    summary = {"status": "failed", "epoch": state.epoch, "overrides": list(context.overrides),
-               "time/job_start": job_start, "threads": torch.get_num_threads(), **phase_times,
-               **tracker.identity}
-    final: dict = {}
+    summary = {STATUS: Status.FAILED, "epoch": run.state.epoch, "overrides": list(context.overrides),
+               "time/job_start": job_start, "threads": torch.get_num_threads(),
+               metric_keys.SETUP_TIME: tracker_start - job_start,
+               metric_keys.WANDB_INIT_TIME: time.time() - tracker_start, **tracker.identity}
     ending_error = None
     try:
-        summary["time/first_step"] = first_step = time.time()
-        for epoch in range(state.epoch + 1, cfg.epochs + 1):
-            started = time.perf_counter()
-            metrics = {metric_keys.EPOCH: epoch, metric_keys.LR: optimizer.param_groups[0]["lr"]}
-            metrics.update(train_one_epoch(setup.model, objective, optimizer, data, cfg.batch_size,
-                                           epoch, progress, setup.autocast, setup.memory_format))
-            scheduler.step()
-            # The plain model, outside autocast, from here on: the measurements, the checkpoints and the
-            # final evaluation are float32 whatever `precision` is (a certificate or Lipschitz bound
-            # computed in bf16 would not be sound), and the checkpoint holds the model's own state_dict
-            # (torch.compile's wrapper would prefix every key with `_orig_mod.`).
-            metrics.update(measure(model, data.test_x, data.test_y, cfg.test_batch_size, lipschitz_images,
-                                   lipschitz=epoch % cfg.eval.every == 0 or epoch == cfg.epochs,
-                                   guaranteed_bound=False))
-            metrics[metric_keys.EPOCH_TIME] = time.perf_counter() - started
-            state.epoch = epoch
-            state.history.append(metrics)
-            if metrics[metric_keys.TEST_ERROR] < state.best_error:
-                state.best_error, state.best_epoch = metrics[metric_keys.TEST_ERROR], epoch
-            saved = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "objective": objective.state_dict(),
-                     "epoch": epoch, "rng": rng_state(),
-                     "config": config, "best_error": state.best_error,
-                     "best_epoch": state.best_epoch, "history": state.history}
-            if state.best_epoch == epoch:
-                folder.save_checkpoint(saved, "best")
-            folder.save_checkpoint(saved, "last")
-            folder.append_metrics(metrics)
-            tracker.log(metrics)
-            grad_max = metrics.get(metric_keys.LOSS_GRAD_MAX)  # absent between eval.every epochs
-            log.info("epoch %d/%d  train err %.2f%%  test err %.2f%%  loss grad max %s  %.1fs",
-                     epoch, cfg.epochs, metrics[metric_keys.TRAIN_ERROR], metrics[metric_keys.TEST_ERROR],
-                     "-" if grad_max is None else f"{grad_max:.3g}", metrics[metric_keys.EPOCH_TIME])
-
-        summary[metric_keys.TRAIN_TIME] = (final_start := time.time()) - first_step
-        # The summary's figures: all of them on the whole test set, the guaranteed bound included. With
-        # eval.n covering the test set the last epoch measured everything else already.
-        final = dict(state.history[-1])
-        if lipschitz_images is None:
-            final[metric_keys.LAYER_NORM_PRODUCT] = layer_norm_bound(model, data.test_x.shape[1:])
-        else:
-            final.update(measure(model, data.test_x, data.test_y, cfg.test_batch_size))
-        summary[metric_keys.FINAL_MEASURE_TIME] = time.time() - final_start
-        model.load_state_dict(folder.load_checkpoint("best", device)["model"])
-        model.eval()
-        final.update(evaluate(model, data, folder, tracker))
-        summary.update(final)
-        summary.update({"status": "finished", "epoch": state.epoch,
-                        metric_keys.BEST_TEST_ERROR: state.best_error, metric_keys.BEST_EPOCH: state.best_epoch})
-        return final
+        summary["time/first_step"] = time.time()
+        _train_epochs(run, setup, folder, tracker)
+        return _finish(run, folder, tracker, evaluate, summary)
     except Diverged as diverged:
         log.error("run diverged: %s", diverged)
-        summary.update({"status": "diverged", "epoch": diverged.epoch, "step": diverged.step,
+        summary.update({STATUS: Status.DIVERGED, "epoch": diverged.epoch, "step": diverged.step,
                         "error": str(diverged)})
-        final = {"status": "diverged", metric_keys.TEST_ERROR: math.nan, metric_keys.TRAIN_LOSS: math.nan}
-        return final
+        return {STATUS: Status.DIVERGED, metric_keys.TEST_ERROR: math.nan, metric_keys.TRAIN_LOSS: math.nan}
     except BaseException as error:
-        summary.update({"epoch": state.epoch, "error": f"{type(error).__name__}: {error}"})
+        summary.update({"epoch": run.state.epoch, "error": f"{type(error).__name__}: {error}"})
         ending_error = error
         raise
     finally:
@@ -269,4 +324,4 @@ def train(cfg: DictConfig, folder: RunFolder, context: RunContext, evaluate: Fin
             if ending_error is None:
                 raise
             log.error("%s", error)  # the disk may be full: the error that ended the run stays the one raised
-        tracker.finish(summary, failed=summary["status"] != "finished")
+        tracker.finish(summary, failed=summary[STATUS] != Status.FINISHED)

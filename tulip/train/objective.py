@@ -18,7 +18,6 @@ Each penalty declares what it needs from the training batch: the per-sample inpu
 computes them once per step, only when some active penalty needs them.
 """
 import functools
-import re
 from dataclasses import dataclass
 from typing import Mapping, NamedTuple
 
@@ -27,59 +26,11 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from tulip.config import LARGEST, NONNEGATIVE, POSITIVE, SMALLEST, is_int, is_number
+from tulip.nn import perturbations
 from tulip.runs.metric_keys import penalty as penalty_key
+from tulip.schema import ConfigError, check_init, source_key
 
 Model = torch.nn.Module
-
-
-class ArgumentError(ValueError):
-    """A part's invalid argument; `build_objective` reports it under the reg.* key the value came from."""
-
-    def __init__(self, argument: str, value, expected: str):
-        super().__init__(f"{argument}={value!r} is invalid: expected {expected}")
-        self.argument, self.value, self.expected = argument, value, expected
-
-
-# Comparisons with NaN are False, so each range check below rejects NaN as well as ±inf and values
-# beyond LARGEST or (for positive ones) below SMALLEST, which float32 cannot use (see tulip.config).
-def nonnegative(argument: str, value) -> float:
-    if not (is_number(value) and 0 <= value <= LARGEST):
-        raise ArgumentError(argument, value, NONNEGATIVE)
-    return float(value)
-
-
-def positive(argument: str, value) -> float:
-    if not (is_number(value) and SMALLEST <= value <= LARGEST):
-        raise ArgumentError(argument, value, POSITIVE)
-    return float(value)
-
-
-# Inner iterations per training step (PGD steps, power iterations): beyond this a run never finishes.
-MAX_ITERATIONS = 100_000
-
-
-def positive_int(argument: str, value) -> int:
-    if not (is_int(value) and 1 <= value <= MAX_ITERATIONS):
-        raise ArgumentError(argument, value, f"an integer in [1, {MAX_ITERATIONS}]")
-    return value
-
-
-def boolean(argument: str, value) -> bool:
-    """A switch: true or false only, so that a typo ('ture', 0.5, []) is not read as truthy or falsy."""
-    if not isinstance(value, bool):
-        raise ArgumentError(argument, value, "true or false")
-    return value
-
-
-def norm_order(argument: str, value, allowed=(1.0, 2.0, float("inf"))) -> float:
-    """A norm's order: 1, 2 or inf (YAML `.inf`; the strings "inf" and "linf" are accepted too)."""
-    if isinstance(value, str) and value.lower() in ("inf", ".inf", "linf"):
-        value = float("inf")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) not in allowed:
-        names = " | ".join("inf" if a == float("inf") else str(int(a)) for a in allowed)
-        raise ArgumentError(argument, value, names)
-    return float(value)
 
 
 # --- the parts --------------------------------------------------------------------------------------
@@ -98,20 +49,26 @@ class TrainingBatch:
     @functools.cached_property
     def input_grad(self) -> torch.Tensor:
         """(B, C, H, W): row i is g_i = ∇_x ℓ_i, the rows of ∇_x Σ_j ℓ_j; computed once, on first use."""
-        return torch.autograd.grad(self.losses.sum(), self.x, create_graph=self.create_graph,
-                                   retain_graph=True)[0]
+        return perturbations.input_grad(self.losses, self.x, create_graph=self.create_graph, retain_graph=True)
 
 
 class Part:
     """A part of an objective. ``switch`` names the argument (a multiplier, ε or β) that turns it on
     when > 0, so that every part is in the config and a multiplier of 0 is off.
 
-    A part that depends on the model's structure checks it in ``prepare(model)``, called once before
-    training (raise ArgumentError naming the switch for a model it cannot work with). A part that keeps
+    Its arguments' schema is its ``__init__`` signature (``lam: NonNegative = 0.0``, types from
+    tulip.schema): they are checked on every construction, and ``tulip.config.validate`` checks the config
+    against it before anything runs. A part that depends on the model's structure checks it in
+    ``prepare(model)``, called once before training (raise ``ConfigError(switch, value, expected)``
+    naming the switch for a model it cannot work with). A part that keeps
     state across steps returns it from ``state_dict()`` (tensors and plain data: it goes into the
     checkpoint, so that a resumed run continues exactly) and takes it back in ``load_state_dict``.
     """
     switch: str
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        check_init(cls)  # a bad argument raises ConfigError naming it; build_objective names its reg.* key
 
     @property
     def active(self) -> bool:
@@ -191,15 +148,7 @@ class Objective:
 
 # --- building it from cfg.reg -----------------------------------------------------------------------
 
-_INTERPOLATION = re.compile(r"^\$\{([^}]+)\}$")
 PART_GROUPS = ("batches", "penalties")
-
-
-def _source_keys(node: DictConfig) -> dict[str, str]:
-    """argument -> the config key its value is interpolated from (``lam: ${reg.lip}`` -> reg.lip)."""
-    raw = OmegaConf.to_container(node, resolve=False)
-    return {arg: match[1] for arg, value in raw.items()
-            if isinstance(value, str) and (match := _INTERPOLATION.match(value))}
 
 
 def _leaf_keys(node: DictConfig, prefix: str) -> list[str]:
@@ -209,15 +158,23 @@ def _leaf_keys(node: DictConfig, prefix: str) -> list[str]:
     return keys
 
 
+def _read_keys(node: DictConfig) -> set[str]:
+    """The config keys a part's arguments are interpolated from (``lam: ${reg.lip}`` -> reg.lip)."""
+    return {source_key(node, arg, "") for arg in node if OmegaConf.is_interpolation(node, arg)}
+
+
 def _reported(call, node: DictConfig, path: str):
-    """call(); an ArgumentError becomes a ValueError naming the config key the argument came from."""
+    """call(); a part's ConfigError naming one of its arguments is re-raised naming the config key the
+    value came from (``lam`` of ``lam: ${reg.lip}`` -> reg.lip)."""
     try:
         return call()
-    except ArgumentError as error:
-        key = _source_keys(node).get(error.argument, f"{path}.{error.argument}")
-        raise ValueError(f"{key}={error.value!r} is invalid: expected {error.expected}") from None
+    except ConfigError as error:
+        if error.key is None or error.key not in node:
+            raise
+        raise ConfigError(source_key(node, error.key, f"{path}.{error.key}"), error.value, error.expected) from None
     except TypeError as error:  # a misspelt or missing argument
-        raise ValueError(f"{path} is invalid: {error}") from None
+        target = node.get("_target_")
+        raise ConfigError(path, target, f"the arguments of {target} ({error})") from None
 
 
 def _build_part(node: DictConfig, path: str, model: Model | None) -> tuple[Part, str]:
@@ -226,11 +183,11 @@ def _build_part(node: DictConfig, path: str, model: Model | None) -> tuple[Part,
     part = _reported(lambda: instantiate(node, _partial_=True)(), node, path)
     if model is not None and part.active:
         _reported(lambda: part.prepare(model), node, path)
-    return part, _source_keys(node).get(part.switch, f"{path}.{part.switch}")
+    return part, source_key(node, part.switch, f"{path}.{part.switch}")
 
 
 def build_objective(reg: DictConfig, model: Model | None = None) -> Objective:
-    """The objective of ``cfg.reg``; raises ValueError naming the reg.* key of a bad value.
+    """The objective of ``cfg.reg``; raises ConfigError naming the reg.* key of a bad value.
 
     With `model`, every active part checks the model's structure now, before training (without it,
     parts that need the model prepare themselves on their first step).
@@ -240,15 +197,18 @@ def build_objective(reg: DictConfig, model: Model | None = None) -> Objective:
     chosen = [key for part, key in built["batches"].values() if part.active]
     if len(chosen) > 1:
         switches = ", ".join(key for _, key in built["batches"].values())
-        raise ValueError(f"at most one of {switches} may be > 0 (each chooses the batch to train on); "
-                         f"got {', '.join(chosen)}")
+        second = next(part for part, key in built["batches"].values() if key == chosen[1])
+        raise ConfigError(chosen[1], getattr(second, second.switch),
+                          f"0 while {chosen[0]} > 0: at most one of {switches} may be > 0 (each chooses the "
+                          f"batch to train on)")
     # A flat key that no part reads would be silently ignored: a typo such as +reg.pgd.epsilon=0.1.
-    used = {key for group in PART_GROUPS for node in reg[group].values() for key in _source_keys(node).values()}
+    used = {key for group in PART_GROUPS for node in reg[group].values() for key in _read_keys(node)}
     unused = [key for name, value in reg.items() if name not in PART_GROUPS
               for key in (_leaf_keys(value, f"reg.{name}") if isinstance(value, DictConfig) else [f"reg.{name}"])
               if key not in used]
     if unused:
-        raise ValueError(f"{', '.join(unused)}: no part of the objective reads "
-                         f"{'this key' if len(unused) == 1 else 'these keys'} (reg.batches / reg.penalties)")
+        raise ConfigError(unused[0], OmegaConf.select(reg, unused[0].removeprefix("reg.")),
+                          f"a key that a part of the objective reads (reg.batches / reg.penalties); none reads "
+                          f"{', '.join(unused)}")
     parts = {group: {name: part for name, (part, _) in built[group].items()} for group in PART_GROUPS}
     return Objective(parts["batches"], parts["penalties"])

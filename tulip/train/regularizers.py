@@ -22,14 +22,15 @@ The original code penalized ∇_x of the batch *mean*, whose rows are g_i / B, s
 """
 import functools
 import math
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
 
-from tulip.train.objective import (ArgumentError, BatchChoice, Model, Penalty, TrainingBatch, boolean, nonnegative,
-                             norm_order, positive, positive_int)
 from tulip.nn.perturbations import (frozen_eval, l2_direction, loss_input_grad, max_entry_direction, pgd_l2,
-                                 pgd_linf, sign_direction)
+                                    pgd_linf, sign_direction)
+from tulip.schema import Iterations, NonNegative, NormOrder, Positive, Switch, as_norm_order, norm_order, one_of
+from tulip.train.objective import BatchChoice, Model, Penalty, TrainingBatch
 
 # A direction's norm order -> the unit step of that norm's steepest ascent for a gradient g.
 DIRECTIONS = {1.0: sign_direction, 2.0: l2_direction, math.inf: max_entry_direction}
@@ -47,9 +48,9 @@ class GradientStepBatch(BatchChoice):
     order of v: 1 -> sign(g)/√N (J1), 2 -> g/‖g‖₂ (J2), inf -> sign(g_k)·e_k, k = argmax|g| (Jinf)."""
     switch = "eps"
 
-    def __init__(self, eps: float = 0.0, direction: float = 2):
-        self.eps = nonnegative("eps", eps)
-        self.direction = DIRECTIONS[norm_order("direction", direction)]
+    def __init__(self, eps: NonNegative = 0.0, direction: NormOrder = 2):
+        self.eps = float(eps)
+        self.direction = DIRECTIONS[as_norm_order(direction)]
 
     def __call__(self, model: Model, x: torch.Tensor, y: torch.Tensor):
         with frozen_eval(model):
@@ -62,13 +63,12 @@ class PGDBatch(BatchChoice):
     to [0, 1]; trains on the adversarial batch only. Defaults: the successor paper's 7 steps of 2/255."""
     switch = "eps"
 
-    def __init__(self, eps: float = 0.0, steps: int = 7, step_size: float = 2 / 255, random_start: bool = True,
-                 norm: float = math.inf):
-        self.eps = nonnegative("eps", eps)
-        attack = pgd_linf if norm_order("norm", norm, allowed=(2.0, math.inf)) == math.inf else pgd_l2
-        self.attack = functools.partial(attack, eps=self.eps, steps=positive_int("steps", steps),
-                                        step_size=positive("step_size", step_size),
-                                        random_start=boolean("random_start", random_start))
+    def __init__(self, eps: NonNegative = 0.0, steps: Iterations = 7, step_size: Positive = 2 / 255,
+                 random_start: Switch = True, norm: Annotated[float | str, norm_order(2.0, math.inf)] = math.inf):
+        self.eps = float(eps)
+        attack = pgd_linf if as_norm_order(norm) == math.inf else pgd_l2
+        self.attack = functools.partial(attack, eps=self.eps, steps=steps, step_size=float(step_size),
+                                        random_start=random_start)
 
     def __call__(self, model: Model, x: torch.Tensor, y: torch.Tensor):
         with frozen_eval(model):
@@ -80,10 +80,10 @@ class TradesBatch(BatchChoice):
     (clamped to [0, 1]; TRADES clamps only after the loop). On when beta > 0 (TradesPenalty's β)."""
     switch = "beta"
 
-    def __init__(self, beta: float = 0.0, eps: float = 0.031, steps: int = 10, step_size: float = 0.007):
-        self.beta = nonnegative("beta", beta)
-        self.attack = functools.partial(pgd_linf, eps=nonnegative("eps", eps), steps=positive_int("steps", steps),
-                                        step_size=positive("step_size", step_size))
+    def __init__(self, beta: NonNegative = 0.0, eps: NonNegative = 0.031, steps: Iterations = 10,
+                 step_size: Positive = 0.007):
+        self.beta = float(beta)
+        self.attack = functools.partial(pgd_linf, eps=float(eps), steps=steps, step_size=float(step_size))
 
     def __call__(self, model: Model, x: torch.Tensor, y: torch.Tensor):
         with frozen_eval(model):
@@ -102,8 +102,8 @@ class LipschitzPenalty(Penalty):
     """λ · max_i ‖g_i‖_p (Finlay et al. 2018), double backprop so it trains the weights. p: 2, 1 or inf."""
     switch, needs_input_grad, needs_graph = "lam", True, True
 
-    def __init__(self, lam: float = 0.0, norm: float = 2):
-        self.lam, self.norm = nonnegative("lam", lam), norm_order("norm", norm)
+    def __init__(self, lam: NonNegative = 0.0, norm: NormOrder = 2):
+        self.lam, self.norm = float(lam), as_norm_order(norm)
 
     def __call__(self, batch: TrainingBatch) -> torch.Tensor:
         return self.lam * torch.linalg.vector_norm(batch.input_grad.flatten(1), ord=self.norm, dim=1).max()
@@ -113,8 +113,8 @@ class GradNormPenalty(Penalty):
     """λ · mean_i ‖g_i‖₂² / 2, exact (double backprop)."""
     switch, needs_input_grad, needs_graph = "lam", True, True
 
-    def __init__(self, lam: float = 0.0):
-        self.lam = nonnegative("lam", lam)
+    def __init__(self, lam: NonNegative = 0.0):
+        self.lam = float(lam)
 
     def __call__(self, batch: TrainingBatch) -> torch.Tensor:
         return self.lam * batch.input_grad.square().sum() / (2 * batch.x.shape[0])
@@ -128,11 +128,10 @@ class FiniteDifferencePenalty(Penalty):
     """
     switch, needs_input_grad = "lam", True
 
-    def __init__(self, lam: float = 0.0, h: float = 0.01, order: int = 1, norm: float = 2):
-        self.lam, self.h = nonnegative("lam", lam), positive("h", h)
-        self.direction = DIRECTIONS[norm_order("norm", norm)]
-        if order not in (1, 2) or isinstance(order, bool):
-            raise ArgumentError("order", order, "1 | 2")
+    def __init__(self, lam: NonNegative = 0.0, h: Positive = 0.01, order: Annotated[int, one_of(1, 2, 1.0, 2.0)] = 1,
+                 norm: NormOrder = 2):
+        self.lam, self.h = float(lam), float(h)
+        self.direction = DIRECTIONS[as_norm_order(norm)]
         self._losses_below, self._span = (self._losses_at_x, h) if order == 1 else (self._losses_at_minus_h, 2 * h)
 
     def _losses_at_x(self, batch: TrainingBatch, step: torch.Tensor, recompute: bool) -> torch.Tensor:
@@ -164,8 +163,8 @@ class TradesPenalty(Penalty):
     x′ from TradesBatch; both f in train mode, as in TRADES."""
     switch = "beta"
 
-    def __init__(self, beta: float = 0.0):
-        self.beta = nonnegative("beta", beta)
+    def __init__(self, beta: NonNegative = 0.0):
+        self.beta = float(beta)
 
     def __call__(self, batch: TrainingBatch) -> torch.Tensor:
         if batch.x_adv is None:
@@ -183,8 +182,8 @@ class WeightDecayPenalty(Penalty):
     scales, not the scalar tanh scale."""
     switch = "lam"
 
-    def __init__(self, lam: float = 0.0):
-        self.lam = nonnegative("lam", lam)
+    def __init__(self, lam: NonNegative = 0.0):
+        self.lam = float(lam)
 
     def __call__(self, batch: TrainingBatch) -> torch.Tensor:
         return self.lam * sum(p.square().sum() for p in batch.model.parameters() if p.dim() > 1)

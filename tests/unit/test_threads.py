@@ -1,6 +1,6 @@
 """The CPU threads a job computes with (tulip.launch.cpus) and how a sweep's local launcher shares the cores
 (tulip.launch.callbacks.ShareCpus). The real multiruns that check the thread count each job used are in
-tests/integration/test_sweeps.py."""
+tests/system/test_sweeps.py."""
 import os
 
 import pytest
@@ -9,6 +9,7 @@ from conftest import ROOT, compose_with_hydra
 from tulip.launch.callbacks import ShareCpus, largest_batch
 from tulip.launch.cpus import JOBS_AT_ONCE, cpus_given, threads_for_job
 from tulip.launch.launcher import parallel_jobs
+from tulip.schema import ConfigError
 
 AFFINITY = len(os.sched_getaffinity(0))
 
@@ -68,7 +69,7 @@ def test_the_local_launcher_runs_one_job_per_cpu_unless_told(env):
     assert parallel_jobs("auto") == parallel_jobs(None) == cpus_given()
     assert parallel_jobs(3) == 3
     for bad in (0, -1, 2.5, True, "two"):
-        with pytest.raises(ValueError, match="hydra.launcher.array_parallelism must be a positive integer"):
+        with pytest.raises(ConfigError, match=r"^hydra\.launcher\.array_parallelism=.* is invalid: expected auto or"):
             parallel_jobs(bad)
     cfg = compose_with_hydra("hydra/launcher=local")
     cfg.hydra.overrides.task = [f"seed={','.join(map(str, range(cpus_given() + 3)))}"]

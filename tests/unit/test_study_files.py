@@ -1,0 +1,94 @@
+"""hydra/sweeper=optuna without a sweep: the search-space grammar, the objectives and their checks, and
+the study's sweep files. The real studies are in tests/system/test_study.py."""
+import math
+
+import pytest
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+from conftest import compose_config, compose_with_hydra
+from support.jobs import SWEEPS
+from support.study import OBJECTIVES
+from tulip.config import ConfigError, objective_values, validate
+from tulip.launch.sweeper import distribution, search_space
+
+FAMILIES = ["lip", "J1", "J2", "lip+J2", "gradnorm_fd", "pgd_l2", "trades", "gloro"]
+
+
+# --- the search space and the objectives ------------------------------------------------------------
+
+def parse(text):
+    return OverridesParser.create().parse_overrides([text])[0]
+
+
+def test_search_space_grammar_gives_optuna_distributions():
+    assert distribution(parse("reg.lip=tag(log,interval(1e-3,1))")) == FloatDistribution(1e-3, 1, log=True)
+    assert distribution(parse("reg.J2=interval(0,0.5)")) == FloatDistribution(0, 0.5)
+    assert distribution(parse("epochs=tag(int,interval(1,8))")) == IntDistribution(1, 8)
+    assert distribution(parse("epochs=range(2,10,2)")) == IntDistribution(2, 8, step=2)
+    assert distribution(parse("model=cnn_small,mlp")) == CategoricalDistribution(["cnn_small", "mlp"])
+    assert distribution(parse("reg.lip=0.1")) is None
+    with pytest.raises(ValueError, match="reg.lip.*integers"):
+        distribution(parse("reg.lip=range(0.5,2)"))
+
+
+def test_command_line_ranges_replace_the_sweep_files():
+    space, fixed = search_space({"reg.lip": "tag(log,interval(1e-3,1))", "seed": 3},
+                                ["reg.lip=interval(0,2)", "epochs=2"])
+    assert space == {"reg.lip": FloatDistribution(0, 2)}
+    assert sorted(fixed) == ["epochs=2", "seed=3"]
+
+
+def test_run_returns_the_objectives_in_order_and_nan_for_missing_ones():
+    metrics = {"test/error_pct": 3.0, "attack/best/error_pct_l2@1": 40.0}
+    assert objective_values(metrics, ["test/error_pct"]) == 3.0
+    assert objective_values(metrics, ["attack/best/error_pct_l2@1.0", "test/error_pct"]) == (40.0, 3.0)
+    assert math.isnan(objective_values(metrics, ["test/error_pct", "cert/median_l2"])[1])
+
+
+@pytest.mark.parametrize("objectives, message", [
+    ("[test/eror_pct]", "objectives.*metric keys"),
+    ("[]", "objectives.*metric keys"),
+    ("[attack/pgd/error_pct_l2@1]", "objectives.*an attack of this run"),
+    ("[attack/best/error_pct_l2@0.7]", r"objectives.*attack.epsilons.l2"),
+])
+def test_objectives_that_cannot_be_produced_fail_before_training(objectives, message):
+    cfg = compose_config(f"objectives={objectives}", "attack=ddn")
+    with pytest.raises(ConfigError, match=message):
+        validate(cfg)
+    validate(compose_config("objectives=[test/error_pct,attack/best/error_pct_l2@1.0,attack/ddn/median_l2]",
+                            "attack=ddn"))
+
+
+# --- the study's sweep files ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_family_has_a_study_file_searching_its_multipliers_in_log_scale(family):
+    cfg = compose_with_hydra(config_dir=SWEEPS, config_name=f"study_{family}")
+    assert cfg.hydra.runtime.choices.regularizer == family
+    assert cfg.hydra.sweeper._target_ == "hydra_plugins.tulip_sweeper.OptunaSweeper"
+    assert list(cfg.objectives) == OBJECTIVES and 0.3 in cfg.attack.epsilons.l2
+    space, fixed = search_space(dict(cfg.hydra.sweeper.params), [])
+    assert space and not fixed
+    assert all(isinstance(d, FloatDistribution) and d.log for d in space.values())
+    for key, dist in space.items():  # the searched keys are this family's multipliers
+        assert key.startswith("reg.")
+        cfg_at_low = compose_with_hydra(f"{key}={dist.low}", config_dir=SWEEPS, config_name=f"study_{family}")
+        validate(cfg_at_low)
+    assert list(cfg.hydra.sweeper.reseed) == [1, 2]
+    if family == "gloro":
+        assert cfg.hydra.runtime.choices.model == "cnn_4c3f"  # certified training needs no BatchNorm
+
+
+def test_paper_cifar10_study_is_the_paper_recipe_searched_on_slurm_gpu():
+    grid = compose_with_hydra(config_dir=SWEEPS, config_name="paper_cifar10")
+    cfg = compose_with_hydra(config_dir=SWEEPS, config_name="paper_cifar10_study")
+    assert cfg.hydra.runtime.choices["hydra/launcher"] == "slurm_gpu"
+    assert cfg.hydra.runtime.choices["hydra/sweeper"] == "optuna"
+    for key in ("model", "dataset", "regularizer"):
+        assert cfg.hydra.runtime.choices[key] == grid.hydra.runtime.choices[key]
+    assert (cfg.epochs, cfg.reg.decay, cfg.model.tanh) == (grid.epochs, grid.reg.decay, grid.model.tanh) == (200, 5e-4, True)
+    validate(cfg)  # its robust-error objective is on the attack's curve
+    space, _ = search_space(dict(cfg.hydra.sweeper.params), [])
+    assert set(space) == {"reg.lip", "reg.J2"} and all(d.log for d in space.values())
+    assert space["reg.lip"].low <= 7.8125e-4 <= space["reg.lip"].high  # the paper's own multiplier

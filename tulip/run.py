@@ -1,0 +1,21 @@
+"""`python -m tulip.run [overrides]`: run.py for an installed Tulip, where there is no checkout.
+
+The same Hydra app as the checkout's run.py (same job name, same return value for sweepers), on the
+config `tulip.config_files.config_dir()` finds: the checkout's conf/, else the copy installed with
+the package. The benchmarks start Tulip through it, so they work from any install.
+"""
+import hydra
+from omegaconf import DictConfig
+
+from tulip.config import objective_values
+from tulip.config_files import CONFIG_NAME, config_dir
+from tulip.main import run
+
+
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=CONFIG_NAME)
+def main(cfg: DictConfig) -> float | tuple[float, ...]:
+    return objective_values(run(cfg), cfg.objectives)
+
+
+if __name__ == "__main__":
+    main()
