@@ -33,6 +33,7 @@ from omegaconf import DictConfig, open_dict
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
 sys.path.insert(0, str(Path(__file__).parent))  # for tests/support/
+from support.jobs import SHORT_LOWER_BOUND  # noqa: E402
 # One intra-op thread per process: tests start several jobs at once (multiruns, SLURM), and
 # oversubscribed BLAS threads on 2 cores made small SVDs and convolutions 10x slower.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -41,7 +42,7 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 # One epoch on 512 training and 200 test images of mnist5k, on the CPU, without W&B or attacks; the
 # per-epoch figures on all 200 test images, so the summary needs no second measurement.
 TINY = ["epochs=1", "batch_size=64", "dataset.train_subset=512", "dataset.test_subset=200",
-        "device=cpu", "wandb.mode=disabled", "attack=none", "eval.n=null"]
+        "device=cpu", "wandb.mode=disabled", "attack=none", "eval.n=null", *SHORT_LOWER_BOUND]
 
 
 def compose_with_hydra(*overrides: str, config_dir: Path = CONF_DIR, config_name: str = "config") -> DictConfig:
@@ -209,21 +210,30 @@ def run_interrupted_in_second_epoch(cfg: DictConfig, run_dir: Path, monkeypatch)
 
 # --- tiers -----------------------------------------------------------------------------------------
 
-TIERS = ("unit", "integration", "system")
+TIERS = ("system", "integration", "unit")  # heaviest first: the order tests start in
 # Subprocess sweeps and studies train several jobs each and wait on them; setup.cfg's timeout is for the rest.
 SYSTEM_TIMEOUT_S = 900
 
 
-def pytest_collection_modifyitems(config, items):
-    """The tier marker from the test's folder (tests/<tier>/...), whoever wrote the file."""
+def _tier(item) -> str | None:
     tests = Path(__file__).parent
+    return item.path.relative_to(tests).parts[0] if item.path.is_relative_to(tests) else None
+
+
+def pytest_collection_modifyitems(config, items):
+    """The tier marker from the test's folder (tests/<tier>/...), whoever wrote the file. The heavier
+    tiers run first: the workers (pytest-xdist) then fill their last minutes with short unit tests
+    instead of one worker finishing a long run while the other waits."""
+    items.sort(key=lambda item: TIERS.index(_tier(item)) if _tier(item) in TIERS else len(TIERS))
     for item in items:
-        tier = item.path.relative_to(tests).parts[0] if item.path.is_relative_to(tests) else None
+        tier = _tier(item)
         if tier not in TIERS:
             continue
         item.add_marker(getattr(pytest.mark, tier))
         if tier == "system" and item.get_closest_marker("timeout") is None:
             item.add_marker(pytest.mark.timeout(SYSTEM_TIMEOUT_S))
+        if item.get_closest_marker("slurm") is not None:  # one cluster: its tests one after another
+            item.add_marker(pytest.mark.xdist_group("slurm"))
 
 
 # --- runs that tests share -------------------------------------------------------------------------
@@ -288,7 +298,7 @@ class Multirun:
 # training, and the four after them must still run.
 TINY_MULTIRUN = ["regularizer=lip", "reg.lip=-1,0,0.1", "seed=0,1", "epochs=1", "wandb.mode=disabled",
                  "dataset.train_subset=512", "dataset.test_subset=100", "attack=ddn", "attack.n=30",
-                 "attack.methods.ddn.steps=10"]
+                 "attack.methods.ddn.steps=10", *SHORT_LOWER_BOUND]
 
 
 @pytest.fixture(scope="session")

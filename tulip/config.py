@@ -16,8 +16,8 @@ from omegaconf import DictConfig, ListConfig
 
 from tulip.runs.metric_keys import BEST_ATTACK, canonical, is_scalar_key, parse_robust_error
 from tulip.schema import (LARGEST, MAX_EPOCHS, MAX_ITERATIONS, MAX_SEED, MAX_THREADS, NONNEGATIVE, POSITIVE,
-                          SMALLEST, ConfigError, Count, Epochs, Epsilons, OptionalCount, Rule, Seed, Switch, Target,
-                          Targets, check_node, integer_in, is_int, is_number, one_of)
+                          SMALLEST, ConfigError, Count, Epochs, Epsilons, Iterations, OptionalCount, Rule, Seed,
+                          Switch, Target, Targets, check_node, integer_in, is_int, is_number, one_of)
 
 __all__ = ["LARGEST", "SMALLEST", "POSITIVE", "NONNEGATIVE", "MAX_EPOCHS", "MAX_ITERATIONS", "MAX_SEED",
            "MAX_THREADS", "ConfigError", "is_int", "is_number", "validate", "validate_objectives",
@@ -28,6 +28,20 @@ DEVICES = ("auto", "cpu", "cuda")
 WANDB_MODES = ("offline", "online", "disabled")
 PRECISIONS = ("fp32", "bf16")
 
+# The config keys that are training state: what the weights, the optimizer's state and the random
+# streams depend on, and which epoch is the best (chosen on the test error, so the dataset's test set).
+# A run resumes only with the same values of these; every other key may change between attempts:
+# test_batch_size, eval.* and attack.* only measure, wandb.* only shows; the device and the thread count
+# change rounding, not the math (a GPU job may go on on the CPU and back), and so do channels_last and
+# compile (memory layout, fused kernels). precision=bf16 changes what each step computes: training state.
+TRAINING_STATE = ("model", "dataset", "reg", "optim", "scheduler", "seed", "epochs", "batch_size", "precision")
+
+
+@dataclass
+class LowerBoundKeys:
+    images: Count
+    steps: Iterations
+
 
 @dataclass
 class EvalKeys:
@@ -35,6 +49,7 @@ class EvalKeys:
     n: Annotated[int | None, Rule("an integer >= 1 (test images) or null for all",
                                   lambda v: v is None or (is_int(v) and v >= 1))]
     bounds: Switch
+    lower_bound: LowerBoundKeys
     nn: Switch
 
 

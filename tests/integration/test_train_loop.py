@@ -13,7 +13,8 @@ from tulip.config import ConfigError
 from tulip.launch.cpus import jobs_at_once
 from tulip.main import run
 from tulip.runs.folder import RunFolderError
-from tulip.train.loop import FINAL_EVALUATION_SETTINGS, TRAINING_STATE
+from tulip.config import TRAINING_STATE
+from tulip.train.loop import FINAL_EVALUATION_SETTINGS
 
 TWO_EPOCHS = ["epochs=2", "dataset.train_subset=256", "dataset.test_subset=100"]
 # Top-level keys that neither change what training computes nor what the final evaluation measures:

@@ -95,6 +95,12 @@ LAYER_MAY_IMPORT = {
     "tulip.nn": ("tulip.schema",),
     "tulip.launch": ("tulip.runs", "tulip.schema"),
     "tulip.report": ("tulip.runs",),
+    # judging a model needs no training: the evaluation runs on any checkpoint
+    "tulip.evaluate": ("tulip.nn", "tulip.runs", "tulip.schema", "tulip.config", "tulip.data", "tulip.build",
+                       "tulip.seeding"),
+    # training measures every epoch with the evaluation's per-epoch measures, and nothing else of it
+    "tulip.train": ("tulip.nn", "tulip.evaluate.measures", "tulip.runs", "tulip.schema", "tulip.config",
+                    "tulip.data", "tulip.build", "tulip.seeding"),
 }
 # Entry points and tools: nothing inside the package depends on them
 ON_TOP = ("tulip.main", "tulip.run", "tulip.bench", "tulip.report")

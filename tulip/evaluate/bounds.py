@@ -26,6 +26,7 @@ the gradient of a summed loss is the per-image gradient) and images in [0, 1] on
 """
 import math
 import sys
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -166,6 +167,14 @@ def tightness(attack_l2: torch.Tensor, certified: torch.Tensor, correct: torch.T
     for a sound certificate, 1 when it is exact; nan without correctly classified images."""
     ratio = attack_l2[correct].double() / certified[correct].double()
     return ratio.median().item() if len(ratio) else float("nan")
+
+
+@dataclass(frozen=True)
+class LowerBoundSearch:
+    """How hard `lipschitz_lower_bound` searches (eval.lower_bound): pairs start from the first `images`
+    images and take `steps` ascent steps. Any search gives a valid lower bound; a longer one a tighter one."""
+    images: int = 64
+    steps: int = 30
 
 
 def lipschitz_lower_bound(model: nn.Module, x: torch.Tensor, batch_size: int, steps: int = 30,

@@ -28,6 +28,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from tulip.evaluate import bounds, neighbours
+from tulip.evaluate.bounds import LowerBoundSearch
 
 from tulip.runs import metric_keys
 from tulip.config import AttackKeys, ConfigError, EvalKeys
@@ -158,8 +159,8 @@ def evaluate_attacks(attacks: dict[str, Attack], model, x: torch.Tensor, y: torc
     return metrics, best
 
 
-def evaluate_bounds(model, x: torch.Tensor, y: torch.Tensor, batch_size: int,
-                    epsilons_l2: list[float]) -> tuple[dict[str, float], dict[str, list]]:
+def evaluate_bounds(model, x: torch.Tensor, y: torch.Tensor, batch_size: int, epsilons_l2: list[float],
+                    lower_bound: LowerBoundSearch = LowerBoundSearch()) -> tuple[dict[str, float], dict[str, list]]:
     """First-order and (smooth models) second-order estimates, the certificates and the Lipschitz
     bounds, per image: (metrics, per-image columns). ``certified_l2`` is the certified radius."""
     grads = bounds.loss_gradients(model, x, y, batch_size)
@@ -167,7 +168,7 @@ def evaluate_bounds(model, x: torch.Tensor, y: torch.Tensor, batch_size: int,
     lipschitz = layer_norm_bound(model, x.shape[1:])
     global_radii = bounds.certified_radii(grads.margin, lipschitz)
     certified, metrics = _certificate(model, x.shape[1:], grads.logits, y, global_radii)
-    lower = bounds.lipschitz_lower_bound(model, x, batch_size)
+    lower = bounds.lipschitz_lower_bound(model, x, batch_size, steps=lower_bound.steps, images=lower_bound.images)
     metrics.update({metric_keys.BOUNDS_GRAD_NORM_MAX: grads.grad_norm.max().item(),
                     metric_keys.BOUNDS_FIRST_ORDER_MEDIAN: first.median().item(),
                     metric_keys.BOUNDS_CERTIFIED_MEDIAN: global_radii.median().item(),
@@ -234,6 +235,7 @@ class Evaluation:
     settings: AttackSettings
     bounds: bool  # eval.bounds
     neighbours: bool  # eval.nn
+    lower_bound: LowerBoundSearch = LowerBoundSearch()  # eval.lower_bound
 
     @property
     def families(self) -> tuple[str, ...]:
@@ -259,7 +261,8 @@ class Evaluation:
                 metrics[metric_keys.ATTACK_TIME] = time.perf_counter() - started
             if self.bounds:
                 started = time.perf_counter()
-                found, columns = evaluate_bounds(model, x, y, self.settings.batch_size, self.settings.epsilons["l2"])
+                found, columns = evaluate_bounds(model, x, y, self.settings.batch_size, self.settings.epsilons["l2"],
+                                                  self.lower_bound)
                 metrics.update(found)
                 folder.write_csv("bounds", {**images, **columns})
                 certified = torch.tensor(columns[metric_keys.CERTIFIED_COLUMN])
@@ -291,4 +294,5 @@ def build_evaluation(cfg: DictConfig) -> Evaluation:
     check_node(cfg.attack, "attack", AttackKeys)
     check_node(cfg.eval, "eval", EvalKeys)
     return Evaluation(attacks=_build_attacks(cfg.attack.methods), settings=_attack_settings(cfg.attack),
-                      bounds=cfg.eval.bounds, neighbours=cfg.eval.nn)
+                      bounds=cfg.eval.bounds, neighbours=cfg.eval.nn,
+                      lower_bound=LowerBoundSearch(**cfg.eval.lower_bound))

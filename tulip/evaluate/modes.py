@@ -12,13 +12,14 @@ run's group: the evaluation's curves, its per-image table and the mode's metrics
 """
 import logging
 import math
+from typing import Callable
 
 import torch
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from tulip.runs import metric_keys
-from tulip.config import ConfigError, resolve_device
+from tulip.config import TRAINING_STATE, ConfigError, resolve_device
 from tulip.evaluate.final import Evaluation
 from tulip.evaluate.measures import measure
 from tulip.nn.perturbations import frozen_eval
@@ -27,7 +28,6 @@ from tulip.runs.folder import RunFolder, RunFolderError
 from tulip.runs.status import STATUS, Status
 from tulip.seeding import seed_everything
 from tulip.runs.tracking import JOB_EVALUATE, JOB_SUMMARY, RunContext, Tracker
-from tulip.train.loop import TRAINING_STATE
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,17 @@ def _tracker(cfg: DictConfig, run: LoadedRun, context: RunContext, job_type: str
     return Tracker(OmegaConf.create(config), run.folder, RunContext(list(context.overrides), choices), job_type)
 
 
+def _tracked(tracker: Tracker, work: Callable[[], dict]) -> dict:
+    """work()'s metrics; the mode's W&B run is finished either way (failed, on any exception)."""
+    try:
+        metrics = work()
+    except BaseException:
+        tracker.finish({}, failed=True)
+        raise
+    tracker.finish(metrics, failed=False)
+    return metrics
+
+
 def print_table(title: str, metrics: dict) -> None:
     width = max(len(key) for key in metrics)
     print(f"| {title:<{width}} | value |\n|{'-' * (width + 2)}|-------|")
@@ -111,13 +122,12 @@ def evaluate_run(cfg: DictConfig, evaluation: Evaluation, context: RunContext | 
                     "checkpoint (epoch %d). Its training command finishes the run, whose own final evaluation "
                     "then replaces this one.", run.folder.path, status, run.checkpoint["epoch"])
     tracker = _tracker(cfg, run, context or RunContext(), JOB_EVALUATE)
-    try:
+
+    def evaluate() -> dict:
         metrics = evaluation(run.model, run.data, run.folder, tracker)
         run.folder.write_summary(metrics, merge=True, drop_prefixes=evaluation.families)
-    except BaseException:
-        tracker.finish({}, failed=True)
-        raise
-    tracker.finish(metrics, failed=False)
+        return metrics
+    metrics = _tracked(tracker, evaluate)
     print_table(f"evaluate {run.folder.path}", metrics)
     return metrics
 
@@ -147,15 +157,14 @@ def summarize_run(cfg: DictConfig, context: RunContext | None = None) -> dict[st
     merged into its summary.json under ``summary/...`` and printed as a table."""
     run = _load(cfg)
     tracker = _tracker(cfg, run, context or RunContext(), JOB_SUMMARY)  # reads summary.json: damaged, it stops here
-    try:
+
+    def summarize() -> dict:
         with frozen_eval(run.model):
             stats = summary_statistics(run.model, run.data.test_x, run.data.test_y, cfg.test_batch_size)
         metrics = {metric_keys.summary(key): value for key, value in stats.items()}
         metrics[metric_keys.summary("best_epoch")] = float(run.checkpoint["epoch"])
         run.folder.write_summary(metrics, merge=True)
-    except BaseException:
-        tracker.finish({}, failed=True)
-        raise
-    tracker.finish(metrics, failed=False)
+        return metrics
+    metrics = _tracked(tracker, summarize)
     print_table(f"summary {run.folder.path}", metrics)
     return metrics

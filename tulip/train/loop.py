@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from tulip.runs import metric_keys
-from tulip.config import ConfigError, resolve_device
+from tulip.config import TRAINING_STATE, ConfigError, resolve_device
 from tulip.data import Data, check_batch_fits, load_dataset
 from tulip.nn.lipschitz import layer_norm_bound
 from tulip.evaluate.measures import class_balanced_subset, measure
@@ -39,13 +39,6 @@ FinalEvaluation = Callable[[torch.nn.Module, Data, RunFolder, Tracker], dict]
 
 log = logging.getLogger(__name__)
 
-# The config keys that are training state: what the weights, the optimizer's state and the random
-# streams depend on, and which epoch is the best (chosen on the test error, so the dataset's test set).
-# A run resumes only with the same values of these; every other key may change between attempts:
-# test_batch_size, eval.* and attack.* only measure, wandb.* only shows; the device and the thread count
-# change rounding, not the math (a GPU job may go on on the CPU and back), and so do channels_last and
-# compile (memory layout, fused kernels). precision=bf16 changes what each step computes: training state.
-TRAINING_STATE = ("model", "dataset", "reg", "optim", "scheduler", "seed", "epochs", "batch_size", "precision")
 # Training-state keys added after runs had been saved without them, with the value those runs trained with.
 SAVED_BEFORE_THE_KEY = {"precision": "fp32"}
 # What a rerun in a finished run's folder must match, besides the training state, to be skipped: the
