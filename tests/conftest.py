@@ -133,6 +133,14 @@ def objective_in_fp32_and_bf16(model_name: str, regularizer: str, device):
     return outputs
 
 
+def train_mnist5k(run_dir, *overrides):
+    """Training and its per-epoch measurements: what these tests look at (the final bounds are not)."""
+    from tulip.main import run
+
+    return run(compose_config("dataset=mnist5k", "epochs=2", "attack=none", "eval.bounds=false",
+                              "wandb.mode=disabled", *overrides, tiny=False), run_dir)
+
+
 @pytest.fixture
 def make_config():
     return compose_config
@@ -318,7 +326,8 @@ def tiny_multirun(tmp_path_factory) -> Multirun:
 
 
 # The job of tests/support/fault_driver.py, which kills it at chosen moments: 3 epochs and DDN.
-FAULT_JOB = ["epochs=3", "attack=ddn", "attack.n=20", "attack.methods.ddn.steps=10", "scheduler.milestones=[2]"]
+FAULT_JOB = ["epochs=3", "attack=ddn", "attack.n=20", "attack.methods.ddn.steps=10", "scheduler.milestones=[2]",
+             *SHORT_LOWER_BOUND]
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,8 @@
-"""`python -m tulip.run [overrides]`: run.py for an installed Tulip, where there is no checkout.
+"""`python -m tulip.run [overrides]` and the checkout's `python run.py [overrides]`: Tulip's Hydra app.
 
-The same Hydra app as the checkout's run.py (same job name, same return value for sweepers), on the
-config `tulip.config_files.config_dir()` finds: the checkout's conf/, else the copy installed with
-the package. The benchmarks start Tulip through it, so they work from any install.
+It hands tulip.main.run the config `tulip.config_files.config_dir()` finds (the checkout's conf/, else
+the copy installed with the package) and returns what sweepers minimise. run.py only calls it; the
+benchmarks start Tulip through it, so they work from any install.
 """
 import hydra
 from omegaconf import DictConfig

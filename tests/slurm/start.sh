@@ -55,7 +55,9 @@ mkdir -p "$STATE"/{ctld,spool,log}
 export SLURM_CONF=$CONF
 
 # --- slurm.conf ----------------------------------------------------------------------------------
-CPUS=$(nproc)
+# --all: the machine's CPUs. Plain nproc honours OMP_NUM_THREADS, which the tests set to 1: a test calling
+# this script again would then write another slurm.conf and restart the daemons it should find running.
+CPUS=$(nproc --all)
 MEM_MB=$(awk '/MemTotal/ {printf "%d", $2 / 1024 * 0.9}' /proc/meminfo)
 cat >"$CONF.new" <<EOF
 # Written by tests/slurm/start.sh: a single-node test cluster on loopback.

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from support.jobs import (ROOT, RUN_PY, TINY_JOB as TINY, job_folders, output_of, read_summary, run_tulip,
-                          wandb_runs)
+from support.jobs import (ROOT, RUN_PY, SHORT_LOWER_BOUND, TINY_JOB as TINY, job_folders, output_of, read_summary,
+                          run_tulip, wandb_runs)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -155,7 +155,7 @@ def test_interrupted_jobs_resume_and_match_an_uninterrupted_run(tmp_path, slurm_
     epochs = 8
     args = ["-m", "wandb.name=reference,requeued,preempted", *SLURM, "wandb.mode=offline",
             "dataset=mnist5k", "dataset.train_subset=2048", "dataset.test_subset=500",
-            f"epochs={epochs}", "attack=none", f"hydra.sweep.dir={sweep_dir}"]
+            f"epochs={epochs}", "attack=none", *SHORT_LOWER_BOUND, f"hydra.sweep.dir={sweep_dir}"]
     interruptions = {1: ["scontrol", "requeue"], 2: ["scancel", "--signal=USR2"]}
     interrupted_at = {}
     sweep = subprocess.Popen([sys.executable, str(RUN_PY), *args], cwd=tmp_path, text=True,
@@ -211,19 +211,19 @@ def test_interrupted_jobs_resume_and_match_an_uninterrupted_run(tmp_path, slurm_
 
 
 def test_multi_objective_study_through_slurm(tmp_path, slurm_env):
-    """hydra/sweeper=optuna on the cluster: 6 trials in batches of 3 SLURM jobs, each told to the study."""
+    """hydra/sweeper=optuna on the cluster: 4 trials in batches of 2 SLURM jobs, each told to the study."""
     import optuna
     from support.study import MO_TINY, OBJECTIVES, assert_report_draws_the_front
     sweep_dir = tmp_path / "study"
-    args = [*MO_TINY, *SLURM, "hydra.sweeper.n_trials=6", "hydra.sweeper.n_jobs=3",
-            "hydra.sweeper.sampler.population_size=3"]
+    args = [*MO_TINY, *SLURM, "hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=2",
+            "hydra.sweeper.sampler.population_size=2"]
     result = sweep_on_cluster(args, sweep_dir, tmp_path, slurm_env, timeout=400)
     assert result.returncode == 0, output_of(result)
     trials = optuna.load_study(study_name="tulip", storage=f"sqlite:///{sweep_dir / 'optuna.db'}").get_trials()
-    assert [t.state.name for t in trials] == ["COMPLETE"] * 6
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 4
     for trial in trials:
         job = sweep_dir / str(trial.user_attrs["job"])
         assert trial.values == [read_summary(job)[k] for k in OBJECTIVES]
-        assert re.fullmatch(r"\d+_[0-2]", OmegaConf.load(job / ".hydra" / "hydra.yaml").hydra.job.id)
-    assert len(array_ids(sweep_dir)) == 6  # two arrays of three SLURM jobs
+        assert re.fullmatch(r"\d+_[0-1]", OmegaConf.load(job / ".hydra" / "hydra.yaml").hydra.job.id)
+    assert len(array_ids(sweep_dir)) == 4  # two arrays of two SLURM jobs
     assert_report_draws_the_front(sweep_dir, tmp_path / "report")

@@ -1,7 +1,7 @@
 """The certificates certify: no attack finds an adversarial inside a certified radius, and the guaranteed
 Lipschitz bound is above every ratio ‖f(x)−f(x′)‖/‖x−x′‖ found, for every model family and for trained
 models; the pairwise radius is never below the global one, and exact for a linear model. The same soundness through
-the real training and final evaluation is tests/integration/test_certified_evaluation.py."""
+the real training and final evaluation is tests/system/test_certified_evaluation.py."""
 import pytest
 import torch
 

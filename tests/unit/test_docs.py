@@ -1,6 +1,6 @@
 """The README stays short, its links and the docs' links lead somewhere, and the commands it shows are
 valid: the `python run.py` commands compose with Hydra and `python -m tulip.bench NAME` names a benchmark.
-That they also run is tests/integration/test_docs_run.py; that every `tulip-report` option they use
+That they also run is tests/system/test_docs_run.py; that every `tulip-report` option they use
 exists, tests/system/test_report.py."""
 import re
 
