@@ -109,7 +109,7 @@ def objective_in_fp32_and_bf16(model_name: str, regularizer: str, device):
     TRADES' adversary is a chaotic function of the gradients' signs (bf16 changes half of its pixels and
     the KL by 7 %), so TRADES is given the float32 step's adversary: what is compared is its penalty."""
     from tulip.data import load_dataset
-    from tulip.train.objective import build_objective
+    from tulip.train.loss import build_loss
     from tulip.train.step import autocast_for
 
     cfg = compose_config(f"regularizer={regularizer}", f"model={model_name}", *SHRINK[model_name])
@@ -120,14 +120,14 @@ def objective_in_fp32_and_bf16(model_name: str, regularizer: str, device):
     outputs, chosen = [], None
     for precision in ("fp32", "bf16"):
         on_copy = copy.deepcopy(model)
-        objective = build_objective(cfg.reg, on_copy)
+        loss_fn = build_loss(cfg.reg, on_copy)
         if regularizer == "trades":
             torch.manual_seed(1)
-            chosen = chosen or objective.batch(on_copy, x, y)
-            objective.batch = lambda model, x, y: chosen
+            chosen = chosen or loss_fn.batch(on_copy, x, y)
+            loss_fn.batch = lambda model, x, y: chosen
         torch.manual_seed(1)  # the same PGD starts
         with autocast_for(precision, torch.device(device))():
-            out = objective(on_copy, x, y)
+            out = loss_fn(on_copy, x, y)
         gradient = torch.autograd.grad(out.loss, list(on_copy.parameters()))  # as training, outside autocast
         outputs.append((out, torch.cat([g.flatten() for g in gradient])))
     return outputs

@@ -3,7 +3,7 @@ any output is written.
 
 Group options are checked by Hydra itself (an unknown option lists the available ones). Every value is
 checked against a schema (tulip.schema): the run-level keys against the dataclasses below, each `_target_`
-node (model, dataset, the objective's parts, attacks, optimizer, schedule, the launcher and sweeper)
+node (model, dataset, the training loss's parts, attacks, optimizer, schedule, the launcher and sweeper)
 against its target's own signature. Then the few checks that relate keys to each other. A bad value raises
 tulip.schema.ConfigError naming its dotted key; the bounds every check shares are defined there too.
 """

@@ -1,7 +1,7 @@
 """What a config value may be, said once: the bounds, the types and the one error they raise.
 
 A schema is a set of annotated arguments. A class or function that a config node builds (its `_target_`:
-a model, a dataset, an attack, a part of the objective, the launcher) declares its schema in its own
+a model, a dataset, an attack, a part of the training loss, the launcher) declares its schema in its own
 signature, with the types below:
 
     def pgd_linf(steps: Iterations = 40, rel_stepsize: Positive = 1 / 30, random_start: Switch = True): ...

@@ -16,7 +16,7 @@ from hydra.core.config_store import ConfigStore
 from conftest import ROOT, compose_config
 from tulip.main import run
 from tulip.schema import NonNegative
-from tulip.train.objective import Penalty, TrainingBatch
+from tulip.train.loss import Penalty, TrainingBatch
 
 
 class InputGradientL1Penalty(Penalty):

@@ -1,7 +1,7 @@
 """The GPU training path's settings, checked on the CPU: `precision=bf16` (autocast), `channels_last` and
 `compile`. Each is decided once per run (tulip.train.step.prepare_step); the per-epoch measurements, the
 checkpoints and the final evaluation stay float32 on the plain model. That bf16 computes each objective as
-float32 does is tests/unit/test_bf16_objective.py; a real torch.compile is tests/system/test_compile.py;
+float32 does is tests/unit/test_bf16_loss.py; a real torch.compile is tests/system/test_compile.py;
 tests/system/test_cuda.py repeats the precision and compile checks on a GPU."""
 import copy
 import dataclasses
@@ -16,7 +16,7 @@ from tulip.config import ConfigError
 from tulip.data import load_dataset
 from tulip.nn.lipschitz import layer_norm_bound
 from tulip.main import run
-from tulip.train.objective import Objective, build_objective
+from tulip.train.loss import TrainingLoss, build_loss
 from tulip.runs.folder import RunFolder
 from tulip.runs.tracking import RunContext
 from tulip.train.step import prepare_step
@@ -43,7 +43,7 @@ def test_bf16_trains_under_autocast_and_measures_in_float32(tmp_path, monkeypatc
             return real(*args, **kwargs)
         return call
 
-    monkeypatch.setattr(Objective, "__call__", recorded("step", Objective.__call__))
+    monkeypatch.setattr(TrainingLoss, "__call__", recorded("step", TrainingLoss.__call__))
     monkeypatch.setattr(tulip.train.loop, "measure", recorded("measure", tulip.train.loop.measure))
     monkeypatch.setattr(tulip.train.loop, "layer_norm_bound", recorded("bound", tulip.train.loop.layer_norm_bound))
 
@@ -95,8 +95,8 @@ def test_channels_last_trains_the_same_step_and_keeps_the_bounds(monkeypatch):
     torch.manual_seed(0)
     nchw = build_model_option("cnn_small", SHRINK["cnn_small"], channels=3)
     nhwc = copy.deepcopy(nchw)
-    objective = build_objective(cfg.reg, nhwc)
-    setup = prepare_step(cfg, nhwc, objective, data, CPU)
+    loss_fn = build_loss(cfg.reg, nhwc)
+    setup = prepare_step(cfg, nhwc, loss_fn, data, CPU)
     assert setup.model is nhwc and setup.memory_format == torch.channels_last
     convolutions = [m.weight for m in nhwc.modules() if isinstance(m, torch.nn.Conv2d)]
     assert convolutions and all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
@@ -104,19 +104,19 @@ def test_channels_last_trains_the_same_step_and_keeps_the_bounds(monkeypatch):
     assert layer_norm_bound(nhwc) == pytest.approx(layer_norm_bound(nchw), rel=1e-6)
 
     inputs = []
-    real_call = Objective.__call__
+    real_call = TrainingLoss.__call__
 
     def record_input(self, model, x, y):
         inputs.append(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
         return real_call(self, model, x, y)
 
-    monkeypatch.setattr(Objective, "__call__", record_input)
+    monkeypatch.setattr(TrainingLoss, "__call__", record_input)
     losses = {}
     for name, model, memory_format in [("nchw", nchw, torch.contiguous_format),
                                        ("nhwc", nhwc, setup.memory_format)]:
         torch.manual_seed(1)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        losses[name] = train_one_epoch(model, objective, optimizer, data, 64, epoch=1, progress=False,
+        losses[name] = train_one_epoch(model, loss_fn, optimizer, data, 64, epoch=1, progress=False,
                                        memory_format=memory_format)["train/loss"]
     assert inputs == [False, True]
     assert losses["nhwc"] == pytest.approx(losses["nchw"], rel=1e-5)
@@ -125,7 +125,7 @@ def test_channels_last_trains_the_same_step_and_keeps_the_bounds(monkeypatch):
 
     model = build_model_option("cnn_small", SHRINK["cnn_small"], channels=3)
     auto = compose_config(*SHRINK["cnn_small"])  # channels_last=auto, on the CPU
-    assert prepare_step(auto, model, objective, data, CPU).memory_format == torch.contiguous_format
+    assert prepare_step(auto, model, loss_fn, data, CPU).memory_format == torch.contiguous_format
     assert all(m.weight.is_contiguous() for m in model.modules() if isinstance(m, torch.nn.Conv2d))
 
 

@@ -160,7 +160,7 @@ def test_gloro_power_iteration_vectors_resume_exactly(tmp_path, monkeypatch):
     whole = run(compose_config(*overrides), tmp_path / "whole")
     run_interrupted_in_second_epoch(compose_config(*overrides), tmp_path / "split", monkeypatch)
     saved = torch.load(tmp_path / "split" / "checkpoints" / "last.pt", weights_only=True)
-    assert len(saved["objective"]["penalties.gloro"]["vectors"]) == 6
+    assert len(saved["loss"]["penalties.gloro"]["vectors"]) == 6
     resumed = run(compose_config(*overrides), tmp_path / "split")
     strip = lambda metrics: {k: v for k, v in metrics.items() if not k.startswith(("time/", "attack/"))}
     assert strip(resumed) == strip(whole) and resumed["train/penalty_gloro"] > 0

@@ -17,7 +17,7 @@ ONE_STEP = ["dataset.train_subset=64", "eval.bounds=false"]
 
 @pytest.mark.slow
 def test_compile_trains_the_step_eager_trains(tmp_path, caplog, compile_calls):
-    """compile=true with a single-backprop objective: the step runs through torch.compile, its loss is the
+    """compile=true with a single-backprop loss: the step runs through torch.compile, its loss is the
     eager step's, and the checkpoint holds the plain model's state_dict. Where torch.compile cannot run
     (no C compiler), the run falls back to the eager model with one log line and still trains."""
     caplog.set_level(logging.INFO, logger="tulip.train.loop")

@@ -26,7 +26,7 @@ from tulip.runs import metric_keys  # noqa: E402
 from tulip.data import load_dataset  # noqa: E402
 from tulip.nn.lipschitz import layer_norm_bound  # noqa: E402
 from tulip.main import run  # noqa: E402
-from tulip.train.objective import build_objective  # noqa: E402
+from tulip.train.loss import build_loss  # noqa: E402
 from tulip.build import load_run  # noqa: E402
 from tulip.train.step import prepare_step
 from tulip.train.loop import train_one_epoch  # noqa: E402
@@ -51,7 +51,7 @@ def test_data_and_augmentation_stay_on_the_device():
     assert data.augment(data.train_x[:8]).device.type == "cuda"
 
 
-def assert_the_loop_never_waits(model, objective, data, **step) -> None:
+def assert_the_loop_never_waits(model, loss_fn, data, **step) -> None:
     """A step that reads a value back (`.item()`, a data-dependent shape) stalls the GPU every step. The
     loop's synchronizations are the end-of-epoch checks alone: as many for 12 steps as for 4. `step`:
     train_one_epoch's autocast and memory_format."""
@@ -63,7 +63,7 @@ def assert_the_loop_never_waits(model, objective, data, **step) -> None:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
             try:
-                train_one_epoch(model, objective, optimizer, subset, 64, epoch=1, progress=False, **step)
+                train_one_epoch(model, loss_fn, optimizer, subset, 64, epoch=1, progress=False, **step)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         return [str(w.message) for w in caught if "synchroniz" in str(w.message)]
@@ -79,7 +79,7 @@ def test_the_training_loop_never_waits_for_the_device(regularizer):
     data = load_dataset(cfg.dataset, CUDA)
     torch.manual_seed(0)
     model = build_model_option("cnn_4c3f", SHRINK["cnn_4c3f"]).to(CUDA)
-    assert_the_loop_never_waits(model, build_objective(cfg.reg, model), data)
+    assert_the_loop_never_waits(model, build_loss(cfg.reg, model), data)
 
 
 @pytest.mark.parametrize("regularizer", ["none", "pgd_linf"])
@@ -91,21 +91,21 @@ def test_the_bf16_channels_last_compiled_loop_never_waits_for_the_device(regular
     data = load_dataset(cfg.dataset, CUDA)
     torch.manual_seed(0)
     model = build_model_option("cnn_small", SHRINK["cnn_small"]).to(CUDA)
-    objective = build_objective(cfg.reg, model)
+    loss_fn = build_loss(cfg.reg, model)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)  # restored after the test
-    setup = prepare_step(cfg, model, objective, data, CUDA)
+    setup = prepare_step(cfg, model, loss_fn, data, CUDA)
     assert setup.model is not model and setup.model._orig_mod is model  # compiled, not fallen back
     assert setup.memory_format == torch.channels_last and torch.backends.cudnn.benchmark
     with setup.autocast():
         assert setup.model(data.train_x[:64].contiguous(memory_format=setup.memory_format)).dtype == torch.bfloat16
-    assert_the_loop_never_waits(setup.model, objective, data, autocast=setup.autocast,
+    assert_the_loop_never_waits(setup.model, loss_fn, data, autocast=setup.autocast,
                                 memory_format=setup.memory_format)
     assert not any(key.startswith("_orig_mod") for key in model.state_dict())
 
 
 @pytest.mark.parametrize("model_name, regularizer", BF16_CASES)
-def test_bf16_objective_on_cuda_computes_what_float32_computes(model_name, regularizer, monkeypatch):
-    """tests/unit/test_bf16_objective.py's check on the GPU: under bf16 autocast the loss and every penalty are
+def test_bf16_loss_on_cuda_computes_what_float32_computes(model_name, regularizer, monkeypatch):
+    """tests/unit/test_bf16_loss.py's check on the GPU: under bf16 autocast the loss and every penalty are
     float32's to 1 % (TF32 off, so that the reference is float32)."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
@@ -115,7 +115,7 @@ def test_bf16_objective_on_cuda_computes_what_float32_computes(model_name, regul
     assert bf16.logs.keys() == fp32.logs.keys()
     for name, value in fp32.logs.items():
         assert bf16.logs[name].item() == pytest.approx(value.item(), rel=1e-2), name
-    if model_name == "cnn_4c3f":  # BatchNorm-free: the weight gradients too (see tests/unit/test_bf16_objective.py)
+    if model_name == "cnn_4c3f":  # BatchNorm-free: the weight gradients too (see tests/unit/test_bf16_loss.py)
         assert (bf16_gradient - fp32_gradient).norm() <= 5e-2 * fp32_gradient.norm()
 
 
@@ -158,7 +158,7 @@ def test_each_objective_computes_on_cuda_what_it_computes_on_the_cpu(regularizer
     def loss_and_gradients(device):
         on_device = copy.deepcopy(model).to(device).train()
         with draws_from_one_cpu_generator():
-            loss = build_objective(cfg.reg, on_device)(on_device, x.to(device), y.to(device)).loss
+            loss = build_loss(cfg.reg, on_device)(on_device, x.to(device), y.to(device)).loss
         gradients = torch.autograd.grad(loss, list(on_device.parameters()))
         return loss.item(), torch.cat([g.flatten() for g in gradients]).cpu()
 

@@ -9,7 +9,7 @@ from tulip.evaluate.attacks import attack_distances
 from tulip.data import mnist5k
 from tulip.nn.lipschitz import layer_norm_bound
 from tulip.nn.models import MLP, CNNSmall
-from tulip.train.objective import Objective
+from tulip.train.loss import TrainingLoss
 from tulip.train.loop import train_one_epoch
 
 
@@ -24,7 +24,7 @@ def trained_mlp(digits):
     torch.manual_seed(0)
     model = MLP(1, 10, 28, hidden=[64])
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    train_one_epoch(model, Objective(batches={}, penalties={}), optimizer, digits, batch_size=128, epoch=1, progress=False)
+    train_one_epoch(model, TrainingLoss(batches={}, penalties={}), optimizer, digits, batch_size=128, epoch=1, progress=False)
     return model.eval()
 
 

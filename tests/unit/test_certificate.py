@@ -12,7 +12,7 @@ from tulip.data import mnist5k
 from tulip.evaluate.final import evaluate_bounds
 from tulip.nn.lipschitz import last_layer, layer_norm_bound
 from tulip.nn.models import MLP
-from tulip.train.objective import Objective
+from tulip.train.loss import TrainingLoss
 from tulip.train.loop import train_one_epoch
 
 
@@ -109,7 +109,7 @@ def test_certificate_is_sound_for_trained_models(name, digits):
     torch.manual_seed(0)
     model = build_model_option(name, SHRINK[name])
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    train_one_epoch(model, Objective(batches={}, penalties={}), optimizer, digits, batch_size=128, epoch=1,
+    train_one_epoch(model, TrainingLoss(batches={}, penalties={}), optimizer, digits, batch_size=128, epoch=1,
                     progress=False)
     model.eval()
     x, y = digits.test_x[:48], digits.test_y[:48]

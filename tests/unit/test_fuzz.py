@@ -29,7 +29,7 @@ from tulip.config import LARGEST, MAX_EPOCHS, MAX_ITERATIONS, MAX_SEED, SMALLEST
 from tulip.data import check_batch_fits, load_dataset
 from tulip.evaluate.final import build_evaluation
 from tulip.train.loop import _build
-from tulip.train.objective import build_objective
+from tulip.train.loss import build_loss
 
 CPU = torch.device("cpu")
 
@@ -231,7 +231,7 @@ def checks_before_training(cfg, key: str) -> None:
     if key.startswith("dataset.") or key == "batch_size":
         check_batch_fits(load_dataset(cfg.dataset, CPU), cfg.batch_size, cfg.dataset._target_)
     if key.startswith("reg."):
-        build_objective(cfg.reg)
+        build_loss(cfg.reg)
     if key.startswith(("attack.", "eval.")):
         build_evaluation(cfg)
     if key.startswith(("optim.", "scheduler.")):

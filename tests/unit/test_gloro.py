@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from conftest import SHRINK, build_model_option, compose_config, dense_matrix
 from tulip.train.gloro import PowerIterationNorms, certifiable_layers
 from tulip.main import run
-from tulip.train.objective import build_objective
+from tulip.train.loss import build_loss
 
 SMALL_4C3F = SHRINK["cnn_4c3f"]
 
@@ -40,9 +40,9 @@ def test_penalty_is_the_extra_loss_of_the_bot_augmented_logits():
     torch.manual_seed(0)
     model = build_model_option("cnn_4c3f", SMALL_4C3F)
     x, y = torch.rand(16, 1, 28, 28), torch.randint(0, 10, (16,))
-    objective = build_objective(compose_config("regularizer=gloro", "reg.gloro=0.5", tiny=False).reg, model)
-    out = objective(model, x, y)
-    penalty = dict(objective.penalties)["train/penalty_gloro"]
+    loss_fn = build_loss(compose_config("regularizer=gloro", "reg.gloro=0.5", tiny=False).reg, model)
+    out = loss_fn(model, x, y)
+    penalty = dict(loss_fn.penalties)["train/penalty_gloro"]
     # the reference, written out: ⊥ = max over i ≠ predicted j of f_i + ε K₋ ‖w_i − w_j‖
     logits, w = model(x), model.classifier.weight
     k = penalty.norms.product()
@@ -60,9 +60,9 @@ def test_penalty_is_the_extra_loss_of_the_bot_augmented_logits():
 
 def test_zero_radius_is_plain_cross_entropy_and_combines_with_other_penalties():
     model = build_model_option("cnn_4c3f", SMALL_4C3F)
-    off = build_objective(compose_config("regularizer=gloro", "reg.gloro=0", tiny=False).reg, model)
+    off = build_loss(compose_config("regularizer=gloro", "reg.gloro=0", tiny=False).reg, model)
     assert off.penalties == []
-    both = build_objective(compose_config("regularizer=[gloro,lip]", "reg.decay=1e-4", tiny=False).reg, model)
+    both = build_loss(compose_config("regularizer=[gloro,lip]", "reg.decay=1e-4", tiny=False).reg, model)
     assert [name for name, _ in both.penalties] == ["train/penalty_lip", "train/penalty_decay",
                                                     "train/penalty_gloro"]
 

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from conftest import CONF_DIR, compose_config as compose_run_config
 from tulip.schema import ConfigError
-from tulip.train.objective import build_objective
+from tulip.train.loss import build_loss
 from tulip.nn.perturbations import frozen_eval, l2_direction, loss_input_grad, pgd_linf
 from tulip.train import regularizers
 
@@ -25,13 +25,13 @@ def compose_config(*overrides):
     return compose_run_config(*overrides, tiny=False)
 
 
-def objective(**reg):
-    """The objective of the real config with these reg.* values: objective(lip=0.3, pgd={"eps": 0.1})."""
+def loss_fn(**reg):
+    """The training loss of the real config with these reg.* values: loss_fn(lip=0.3, pgd={"eps": 0.1})."""
     overrides = []
     for key, value in reg.items():
         for sub, v in (value.items() if isinstance(value, dict) else [("", value)]):
             overrides.append(f"reg.{key}{'.' if sub else ''}{sub}={'inf' if v == math.inf else v}")
-    return build_objective(compose_config(*overrides).reg)
+    return build_loss(compose_config(*overrides).reg)
 
 
 def small_cnn(num_classes=10, batch_norm=True):
@@ -81,7 +81,7 @@ def test_lip_penalty_equals_loop_of_single_sample_gradients(p):
     torch.manual_seed(0)
     model, (x, y) = small_cnn().double().eval(), mnist_batch()
     x = x.double()
-    out = objective(lip=0.3, lip_norm=p)(model, x, y)
+    out = loss_fn(lip=0.3, lip_norm=p)(model, x, y)
     expected = 0.3 * norms(single_sample_grads(model, x, y), p).max()
     torch.testing.assert_close(out.logs["train/penalty_lip"], expected)
     torch.testing.assert_close(out.loss, F.cross_entropy(model(x), y) + expected)
@@ -93,7 +93,7 @@ def test_lip_penalty_gradient_wrt_weights_passes_gradcheck(p):
     """The penalty is a function of the weights through ∇_x ℓ (double backprop): gradcheck it."""
     model, (x, y) = smooth_mlp(), smooth_batch()
     names = [n for n, _ in model.named_parameters()]
-    built = objective(lip=1.0, lip_norm=p)
+    built = loss_fn(lip=1.0, lip_norm=p)
 
     class Functional(nn.Module):  # the model, with the weights gradcheck perturbs
         def forward(self, z):
@@ -112,7 +112,7 @@ def test_lip_is_evaluated_on_the_batch_actually_trained_on():
     torch.manual_seed(0)
     model, (x, y) = small_cnn().double().eval(), mnist_batch()
     x = x.double()
-    out = objective(lip=1.0, J2=0.5)(model, x, y)
+    out = loss_fn(lip=1.0, J2=0.5)(model, x, y)
     x_train = x + 0.5 * l2_direction(loss_input_grad(model, x, y))
     torch.testing.assert_close(out.logits, model(x_train))
     expected = norms(single_sample_grads(model, x_train, y), 2).max()
@@ -123,7 +123,7 @@ def test_gradnorm_is_exact_half_mean_squared_norm():
     torch.manual_seed(0)
     model, (x, y) = small_cnn().double().eval(), mnist_batch()
     x = x.double()
-    out = objective(gradnorm=0.2)(model, x, y)
+    out = loss_fn(gradnorm=0.2)(model, x, y)
     expected = 0.2 * norms(single_sample_grads(model, x, y), 2).square().mean() / 2
     torch.testing.assert_close(out.logs["train/penalty_gradnorm"], expected)
 
@@ -132,7 +132,7 @@ def test_decay_covers_weights_not_biases_nor_batchnorm():
     model, (x, y) = small_cnn(), mnist_batch()
     with torch.no_grad():
         model[1].weight.fill_(3.0)  # BatchNorm scale: must not count
-    out = objective(decay=0.5)(model, x, y)
+    out = loss_fn(decay=0.5)(model, x, y)
     expected = 0.5 * (model[0].weight.square().sum() + model[4].weight.square().sum())
     torch.testing.assert_close(out.logs["train/penalty_decay"], expected.detach())
     plain = F.cross_entropy(model(x), y)
@@ -153,7 +153,7 @@ def test_perturbed_loss_tends_to_gradient_norm(key, p, scale):
     limit = scale * norms(single_sample_grads(model, x, y), p).mean()
     errors = []
     for eps in (1e-2, 1e-3, 1e-4):
-        slope = (objective(**{key: eps})(model, x, y).loss - clean) / eps
+        slope = (loss_fn(**{key: eps})(model, x, y).loss - clean) / eps
         errors.append(abs(slope.item() - limit.item()) / limit.item())
     assert errors[-1] < 1e-3
     assert errors[0] > errors[1] > errors[2]
@@ -162,11 +162,11 @@ def test_perturbed_loss_tends_to_gradient_norm(key, p, scale):
 @pytest.mark.parametrize("fd_order", [1, 2])
 def test_gradnorm_fd_tends_to_gradnorm(fd_order):
     model, (x, y) = smooth_mlp(), smooth_batch()
-    exact = objective(gradnorm=1.0)(model, x, y)
+    exact = loss_fn(gradnorm=1.0)(model, x, y)
     exact_grads = torch.autograd.grad(exact.loss, list(model.parameters()))
     errors = []
     for h in (1e-2, 1e-3, 1e-4):
-        fd = objective(gradnorm_fd=1.0, h=h, fd_order=fd_order)(model, x, y)
+        fd = loss_fn(gradnorm_fd=1.0, h=h, fd_order=fd_order)(model, x, y)
         fd_grads = torch.autograd.grad(fd.loss, list(model.parameters()))
         rel = (fd.logs["train/penalty_gradnorm_fd"] / exact.logs["train/penalty_gradnorm"] - 1).abs()
         grad_rel = max(((a - b).norm() / b.norm()).item() for a, b in zip(fd_grads, exact_grads))
@@ -178,7 +178,7 @@ def test_gradnorm_fd_tends_to_gradnorm(fd_order):
 @pytest.mark.parametrize("fd_norm, p, scale", [(1, 1, 1 / 4), (math.inf, math.inf, 1.0)])
 def test_gradnorm_fd_direction_picks_the_norm(fd_norm, p, scale):
     model, (x, y) = smooth_mlp(), smooth_batch()
-    out = objective(gradnorm_fd=1.0, h=1e-5, fd_order=2, fd_norm=fd_norm)(model, x, y)
+    out = loss_fn(gradnorm_fd=1.0, h=1e-5, fd_order=2, fd_norm=fd_norm)(model, x, y)
     expected = (scale * norms(single_sample_grads(model, x, y), p)).square().mean() / 2
     torch.testing.assert_close(out.logs["train/penalty_gradnorm_fd"], expected, rtol=1e-6, atol=0)
 
@@ -192,7 +192,7 @@ def test_one_step_perturbation_uses_eval_mode_and_is_not_clamped(key):
     model, (x, y) = small_cnn().train(), mnist_batch()
     model(x)  # give BatchNorm running statistics that differ from this batch's
     x = torch.ones_like(x)  # every entry at the top of [0, 1]
-    built = objective(**{key: 5.0})
+    built = loss_fn(**{key: 5.0})
     with frozen_eval(model):
         g = loss_input_grad(model, x, y)
     before = model[1].num_batches_tracked.clone()
@@ -215,7 +215,7 @@ def test_pgd_trains_on_the_adversarial_batch_only():
     torch.manual_seed(0)
     model, (x, y) = small_cnn().double().train(), mnist_batch()
     x = x.double()
-    built = objective(pgd=dict(eps=0.1, steps=3, step_size=0.05, random_start=False))
+    built = loss_fn(pgd=dict(eps=0.1, steps=3, step_size=0.05, random_start=False))
     with frozen_eval(model):  # before the objective's train-mode pass moves the running statistics
         x_adv = pgd_linf(lambda z: F.cross_entropy(model(z), y, reduction="none"), x, eps=0.1, steps=3,
                          step_size=0.05, random_start=False)
@@ -232,7 +232,7 @@ def test_trades_matches_the_reference_training_step():
     reference = copy.deepcopy(model)
     x = x.double()
     torch.manual_seed(1)
-    out = objective(trades=dict(beta=6.0, eps=0.2, steps=5, step_size=0.05))(model, x, y)
+    out = loss_fn(trades=dict(beta=6.0, eps=0.2, steps=5, step_size=0.05))(model, x, y)
     grads = torch.autograd.grad(out.loss, list(model.parameters()))
 
     torch.manual_seed(1)
@@ -295,7 +295,7 @@ def test_options_combine_like_their_plus_files():
 @pytest.mark.parametrize("name", OPTIONS)
 def test_every_option_composes_and_trains_without_nan(name):
     torch.manual_seed(0)
-    built = build_objective(compose_config(f"regularizer={name}", "reg.decay=1e-4").reg)
+    built = build_loss(compose_config(f"regularizer={name}", "reg.decay=1e-4").reg)
     model, (x, y) = small_cnn(batch_norm=name not in CERTIFIED_TRAINING), mnist_batch(16)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     start = [p.detach().clone() for p in model.parameters()]
@@ -317,11 +317,11 @@ def test_every_option_composes_and_trains_without_nan(name):
 
 def test_paper_recipe_overrides():
     cfg = compose_config("regularizer=lip+J2", "reg.lip=0.1", "reg.J2=0.01", "reg.decay=5e-4")
-    built = build_objective(cfg.reg)
+    built = build_loss(cfg.reg)
     assert (built.batch.eps, built.batch.direction) == (0.01, l2_direction)
     assert [name for name, _ in built.penalties] == ["train/penalty_lip", "train/penalty_decay"]
     assert built.penalties[0][1].lam == 0.1 and built.penalties[1][1].lam == 5e-4
-    linf = build_objective(compose_config("regularizer=lip", "reg.lip_norm=inf").reg)
+    linf = build_loss(compose_config("regularizer=lip", "reg.lip_norm=inf").reg)
     assert linf.penalties[0][1].norm == math.inf
 
 
@@ -349,7 +349,7 @@ def test_paper_recipe_overrides():
 ])
 def test_bad_input_is_a_config_error_naming_the_keys(overrides, keys):
     with pytest.raises(ConfigError) as error:
-        build_objective(compose_config(*overrides).reg)
+        build_loss(compose_config(*overrides).reg)
     assert all(key in str(error.value) for key in keys), str(error.value)
 
 
@@ -383,7 +383,7 @@ def test_every_option_has_a_benchmark_twin_computing_the_same_loss(name):
     x = x.double()
     twin_model = copy.deepcopy(model)  # a train-mode step moves BatchNorm's running statistics
     torch.manual_seed(0)
-    ours = build_objective(reg)(model, x, y).loss
+    ours = build_loss(reg)(model, x, y).loss
     torch.manual_seed(0)
     theirs = twin(twin_model, x, y, reg)
     torch.testing.assert_close(ours, theirs)

@@ -19,7 +19,7 @@ from tulip.bench.attacks import cpu_name
 from tulip.config_files import config_dir
 from tulip.data import load_dataset
 from tulip.evaluate.measures import class_balanced_subset, measure
-from tulip.train.objective import build_objective
+from tulip.train.loss import build_loss
 from tulip.build import build_model
 from tulip.train.loop import train_one_epoch
 
@@ -48,14 +48,14 @@ def main(argv: list[str]) -> None:
         data = load_dataset(cfg.dataset, device)
         torch.manual_seed(0)
         model = build_model(cfg, data, device)
-        objective = build_objective(cfg.reg, model)
+        loss_fn = build_loss(cfg.reg, model)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         images = class_balanced_subset(data.test_y, cfg.eval.n, seed=0)
         x, y, batch = data.test_x, data.test_y, cfg.test_batch_size
         every = cfg.eval.every
         times = {"train": [], "per_epoch": [], "final": []}
         for _ in range(args.rounds):
-            times["train"].append(timed(lambda: train_one_epoch(model, objective, optimizer, data, cfg.batch_size,
+            times["train"].append(timed(lambda: train_one_epoch(model, loss_fn, optimizer, data, cfg.batch_size,
                                                                 epoch=1, progress=False)))
             with_figures = timed(lambda: measure(model, x, y, batch, images, guaranteed_bound=False))
             without = timed(lambda: measure(model, x, y, batch, images, lipschitz=False))

@@ -3,11 +3,11 @@
 For each ``conf/regularizer`` option (default: every option the regularizers benchmark times;
 ``--options`` to choose), in one process, on one model built from the real config (``--model``,
 default cnn_small) and one batch of the real mnist5k training set (``--batch-size``, default 128):
-the peak memory of one training step as ``tulip.train.loop.train_one_epoch`` takes it — the objective's
+the peak memory of one training step as ``tulip.train.loop.train_one_epoch`` takes it — the loss's
 forward pass, ``zero_grad``, the backward pass into the weights and the optimizer step (``conf/optim``'s
 default) — above what persists between steps (weights, their gradients, the optimizer's state, the
 batch), and its ratio to the plain step's (``regularizer=none``). Each option's first step is an
-unmeasured warm-up (it allocates the optimizer's momentum and any state the objective keeps); then
+unmeasured warm-up (it allocates the optimizer's momentum and any state the loss keeps); then
 ``--rounds`` rounds (default 3) measure every option in turn, and the table gives the medians.
 
 How the peak is measured:
@@ -22,7 +22,7 @@ How the peak is measured:
   of ``prof.events()`` are only the records that fall outside every operator, and an operator's
   ``cpu_memory_usage`` sums its children's records too, so neither gives a running peak. The profiler
   cannot size a block allocated before it started, and drops such a block's free, which would overstate
-  the peak by the blocks the step frees (the previous step's gradients, state an objective replaces
+  the peak by the blocks the step frees (the previous step's gradients, state a loss replaces
   every step). So one unmeasured step runs inside the same profile first (torch's warning "Memory block
   of unknown size was allocated before the profiling started" is about that step's frees): the measured
   step then frees only blocks the profiler has seen, and its peak is taken relative to the running sum
@@ -52,7 +52,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from tulip.bench.attacks import cpu_name
 from tulip.bench.regularizers import CONF, options
 from tulip.data import load_dataset
-from tulip.train.objective import build_objective
+from tulip.train.loss import build_loss
 from tulip.build import build_model
 
 MEASURED = "tulip.bench.memory: measured step"  # the record_function mark of the measured CPU step
@@ -97,7 +97,7 @@ def measure(names: list[str], model_name: str = "cnn_small", batch_size: int = 1
             device: torch.device | str = "cpu", rounds: int = 3, strict: bool = True):
     """Peak step memory per regularizer option: ({option: [bytes per round]}, {option: why skipped}, model).
 
-    An option the model cannot train with (build_objective's ValueError: GloRo needs a BatchNorm-free
+    An option the model cannot train with (build_loss's ValueError: GloRo needs a BatchNorm-free
     chain) raises SystemExit if `strict`, else is skipped with the reason.
     """
     device = torch.device(device)
@@ -113,25 +113,25 @@ def measure(names: list[str], model_name: str = "cnn_small", batch_size: int = 1
     idx = torch.randperm(len(data.train_y))[:batch_size].to(device)
     x, y = data.augment(data.train_x[idx]), data.train_y[idx]
 
-    objectives, skipped = {}, {}
+    losses, skipped = {}, {}
     for name in names:
         try:
-            objectives[name] = build_objective(configs[name].reg, model)
-        except ValueError as error:  # build_objective names the reg.* key the model fails
+            losses[name] = build_loss(configs[name].reg, model)
+        except ValueError as error:  # build_loss names the reg.* key the model fails
             if strict:
                 raise SystemExit(f"regularizer={name} with model={model_name}: {error}")
             skipped[name] = str(error)
 
-    def step_of(objective):
+    def step_of(loss_fn):
         def step():  # train_one_epoch's step; its locals (the graph) are freed when it returns
-            out = objective(model, x, y)
+            out = loss_fn(model, x, y)
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward(inputs=weights)
             optimizer.step()
         return step
 
-    steps = {name: step_of(objective) for name, objective in objectives.items()}
-    for step in steps.values():  # momentum buffers, an objective's kept state
+    steps = {name: step_of(loss_fn) for name, loss_fn in losses.items()}
+    for step in steps.values():  # momentum buffers, a loss's kept state
         step()
     peaks = {name: [] for name in steps}
     for _ in range(rounds):

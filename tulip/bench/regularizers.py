@@ -2,7 +2,7 @@
 
 In one process, on one model (``--model``, default cnn_small: tulip.nn.models.CNNSmall) and one batch
 (default 128) of MNIST-shaped random images (``--shape 3,32,32``: CIFAR-shaped), times a full training
-step (forward + backward + SGD step) for every ``conf/regularizer`` option — the Tulip objective
+step (forward + backward + SGD step) for every ``conf/regularizer`` option — the Tulip training loss
 composed from the real Hydra config — and for the same math written as a minimal hand-written loop with
 the same settings. Measurements are interleaved round-robin (a plain, a Tulip and a hand-written step
 for each regularizer in turn), so that load from other processes hits all variants alike; the table
@@ -28,7 +28,7 @@ from hydra.utils import instantiate
 
 from tulip.config import PRECISIONS
 from tulip.config_files import config_dir
-from tulip.train.objective import build_objective
+from tulip.train.loss import build_loss
 from tulip.train.step import autocast_for
 
 CONF = config_dir()
@@ -281,15 +281,15 @@ def main(argv: list[str]) -> None:
     skipped = {}  # name -> why this model cannot train with it (GloRo needs a BatchNorm-free chain)
     for name in list(names):
         try:
-            objective = build_objective(regs[name], model)
-        except ValueError as error:  # build_objective names the reg.* key the model fails
+            loss_fn = build_loss(regs[name], model)
+        except ValueError as error:  # build_loss names the reg.* key the model fails
             if args.only:
                 raise SystemExit(f"regularizer={name} with model={args.model}: {error}")
             skipped[name] = str(error)
             names.remove(name)
             continue
         reg, hand = regs[name], hand_written(name)
-        variants[name, "tulip"] = lambda m, x, y, objective=objective: objective(m, x, y).loss
+        variants[name, "tulip"] = lambda m, x, y, loss_fn=loss_fn: loss_fn(m, x, y).loss
         if hand is not None:
             variants[name, "hand"] = lambda m, x, y, reg=reg, hand=hand: hand(m, x, y, reg)
 

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Callable, IO
 
 import torch
-from tulip.runs.targets import upgrade_targets
+from tulip.runs.targets import upgrade_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -183,9 +183,7 @@ class RunFolder:
         except Exception as error:  # truncated, corrupted, or a pickle that would run code
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise RunFolderError(f"cannot read checkpoint {path} ({reason}); it was left as it is") from error
-        if isinstance(state.get("config"), dict):
-            state["config"] = upgrade_targets(state["config"])
-        return state
+        return upgrade_checkpoint(state)
 
     # --- metrics.jsonl ------------------------------------------------------------------------------
 

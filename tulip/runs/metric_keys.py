@@ -59,7 +59,7 @@ LAYER_NORM_ESTIMATE = "weights/layer_norm_estimate"
 TANH_SCALE = "model/tanh_scale"
 EPOCH_TIME = "time/epoch_s"
 # Where a run's time went (seconds), in summary.json: python -m tulip.bench startup reads them.
-SETUP_TIME = "time/setup_s"  # data, model, objective, optimizer: after the imports, before W&B
+SETUP_TIME = "time/setup_s"  # data, model, training loss, optimizer: after the imports, before W&B
 WANDB_INIT_TIME = "time/wandb_init_s"
 TRAIN_TIME = "time/train_s"  # the epochs of this attempt, their per-epoch measurements and checkpoints
 FINAL_MEASURE_TIME = "time/final_measure_s"  # the summary's whole-test-set figures, guaranteed bound included

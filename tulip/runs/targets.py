@@ -1,4 +1,4 @@
-"""Old `_target_` paths in saved configs, mapped to where the classes live now.
+"""What run folders saved by earlier layouts spell differently: old `_target_` paths and checkpoint keys.
 
 Every checkpoint (and a Hydra job's .hydra/config.yaml) holds the resolved config it was trained with,
 `_target_` paths included. The package was once flat (`tulip.models.CNNSmall`, `tulip.data.mnist5k`,
@@ -14,7 +14,7 @@ MOVED_MODULES = {
     "tulip.perturbations": "tulip.nn.perturbations",
     "tulip.lipschitz": "tulip.nn.lipschitz",
     "tulip.step": "tulip.train.step",
-    "tulip.objective": "tulip.train.objective",
+    "tulip.objective": "tulip.train.loss",
     "tulip.regularizers": "tulip.train.regularizers",
     "tulip.gloro": "tulip.train.gloro",
     "tulip.evaluation": "tulip.evaluate.final",
@@ -43,3 +43,17 @@ def upgrade_targets(config):
     if isinstance(config, list):
         return [upgrade_targets(v) for v in config]
     return config
+
+
+# old checkpoint key -> today's: the training loss's state (its parts' kept state, e.g. GloRo's vectors)
+RENAMED_CHECKPOINT_KEYS = {"objective": "loss"}
+
+
+def upgrade_checkpoint(state: dict) -> dict:
+    """A loaded checkpoint with today's keys, its config's `_target_`s at their current paths."""
+    for old, new in RENAMED_CHECKPOINT_KEYS.items():
+        if old in state and new not in state:
+            state[new] = state.pop(old)
+    if isinstance(state.get("config"), dict):
+        state["config"] = upgrade_targets(state["config"])
+    return state

@@ -24,7 +24,7 @@ from torch import nn
 from tulip.nn.lipschitz import conv_adjoint
 from tulip.nn.models import ConvBN, ReLU
 from tulip.schema import ConfigError, Iterations, NonNegative
-from tulip.train.objective import Model, Penalty, TrainingBatch
+from tulip.train.loss import Model, Penalty, TrainingBatch
 
 CERTIFIABLE = "a chain of convolutions without BatchNorm, linear layers, ReLU and flatten (e.g. model=cnn_4c3f)"
 

@@ -1,6 +1,6 @@
 """Training one run: build everything from the config, train, measure every epoch, checkpoint.
 
-`train` is three steps. `_start_or_resume` builds the data, model, objective, optimizer and schedule,
+`train` is three steps. `_start_or_resume` builds the data, model, training loss, optimizer and schedule,
 and resumes from `checkpoints/last.pt` when the folder holds one (its config must agree on
 `TRAINING_STATE`). `_train_epochs` loops over the epochs left: each a flat loop of steps (the step's
 device setup decided once by tulip.train.step: precision, channels_last, compile) followed by the
@@ -26,7 +26,7 @@ from tulip.config import TRAINING_STATE, ConfigError, resolve_device
 from tulip.data import Data, check_batch_fits, load_dataset
 from tulip.nn.lipschitz import layer_norm_bound
 from tulip.evaluate.measures import class_balanced_subset, measure
-from tulip.train.objective import Objective, build_objective
+from tulip.train.loss import TrainingLoss, build_loss
 from tulip.build import build_model
 from tulip.runs.folder import RunFolder, RunFolderError
 from tulip.runs.status import STATUS, Status
@@ -85,7 +85,7 @@ def _differing_keys(old, new, prefix="") -> list[str]:
     return [] if old == new else [prefix.rstrip(".")]
 
 
-def train_one_epoch(model, objective, optimizer, data: Data, batch_size: int, epoch: int,
+def train_one_epoch(model, loss_fn, optimizer, data: Data, batch_size: int, epoch: int,
                     progress: bool, autocast: Callable[[], ContextManager] = contextlib.nullcontext,
                     memory_format: torch.memory_format = torch.contiguous_format) -> dict:
     """One pass over the shuffled training set; returns the epoch's training averages.
@@ -111,7 +111,7 @@ def train_one_epoch(model, objective, optimizer, data: Data, batch_size: int, ep
         idx = order[step * batch_size:(step + 1) * batch_size]
         x, y = data.augment(data.train_x[idx]).contiguous(memory_format=memory_format), data.train_y[idx]
         with autocast():
-            out = objective(model, x, y)
+            out = loss_fn(model, x, y)
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward(inputs=weights)
         optimizer.step()
@@ -146,7 +146,7 @@ class Training:
     device: torch.device
     data: Data
     model: torch.nn.Module
-    objective: Objective
+    loss_fn: TrainingLoss
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     state: TrainState = field(default_factory=TrainState)
@@ -166,10 +166,10 @@ def _start_or_resume(cfg: DictConfig, folder: RunFolder) -> Training:
     data = load_dataset(cfg.dataset, device)
     check_batch_fits(data, cfg.batch_size, cfg.dataset._target_)
     model = build_model(cfg, data, device)
-    objective = build_objective(cfg.reg, model)  # its ConfigError names the reg.* key
+    loss_fn = build_loss(cfg.reg, model)  # its ConfigError names the reg.* key
     optimizer = _build(cfg.optim, "optim", model.parameters())
     scheduler = _build(cfg.scheduler, "scheduler", optimizer)
-    run = Training(cfg, OmegaConf.to_container(cfg, resolve=True), device, data, model, objective, optimizer,
+    run = Training(cfg, OmegaConf.to_container(cfg, resolve=True), device, data, model, loss_fn, optimizer,
                    scheduler)
     folder.path.mkdir(parents=True, exist_ok=True)
     if folder.checkpoint("last").exists():
@@ -190,7 +190,7 @@ def _resume(run: Training, folder: RunFolder) -> None:
     run.model.load_state_dict(saved["model"])
     run.optimizer.load_state_dict(saved["optimizer"])
     run.scheduler.load_state_dict(saved["scheduler"])
-    run.objective.load_state_dict(saved["objective"])
+    run.loss_fn.load_state_dict(saved["loss"])
     set_rng_state(saved["rng"])
     run.state = TrainState(saved["epoch"], saved["best_error"], saved["best_epoch"], list(saved["history"]))
     log.info("resuming %s from epoch %d", folder.path, run.state.epoch)
@@ -214,7 +214,7 @@ def _train_epochs(run: Training, setup: StepSetup, folder: RunFolder, tracker: T
     for epoch in range(state.epoch + 1, cfg.epochs + 1):
         started = time.perf_counter()
         metrics = {metric_keys.EPOCH: epoch, metric_keys.LR: run.optimizer.param_groups[0]["lr"]}
-        metrics.update(train_one_epoch(setup.model, run.objective, run.optimizer, run.data, cfg.batch_size,
+        metrics.update(train_one_epoch(setup.model, run.loss_fn, run.optimizer, run.data, cfg.batch_size,
                                        epoch, progress, setup.autocast, setup.memory_format))
         run.scheduler.step()
         # The plain model, outside autocast, from here on: the measurements, the checkpoints and the
@@ -242,7 +242,7 @@ def _save_checkpoints(run: Training, folder: RunFolder) -> None:
     """last.pt after every epoch, best.pt too when this epoch is the best so far."""
     state = run.state
     saved = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
-             "scheduler": run.scheduler.state_dict(), "objective": run.objective.state_dict(),
+             "scheduler": run.scheduler.state_dict(), "loss": run.loss_fn.state_dict(),
              "epoch": state.epoch, "rng": rng_state(),
              "config": run.config, "best_error": state.best_error,
              "best_epoch": state.best_epoch, "history": state.history}
@@ -285,7 +285,7 @@ def train(cfg: DictConfig, folder: RunFolder, context: RunContext, evaluate: Fin
     if run.finished is not None:
         return run.finished
     folder.write_metrics_history(run.state.history)
-    setup = prepare_step(cfg, run.model, run.objective, run.data, run.device)  # torch.compile compiles here
+    setup = prepare_step(cfg, run.model, run.loss_fn, run.data, run.device)  # torch.compile compiles here
     tracker_start = time.time()
     tracker = Tracker(cfg, folder, context)
     for row in run.state.history:  # a new attempt's W&B run also shows the epochs before it

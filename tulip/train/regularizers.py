@@ -1,4 +1,4 @@
-"""The built-in parts of Tulip's training objectives (see tulip.train.objective for how they compose).
+"""The built-in parts of Tulip's training losses (see tulip.train.loss for how they compose).
 
 Batch choices (``reg.batches``): the one-step perturbations x + ε·v(g) of J1, J2, Jinf (Finlay, Oberman &
 Abbasi 2018, arXiv 1810.00953), an L∞/L2 PGD batch (Madry et al. 2018), and the clean batch with TRADES'
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from tulip.nn.perturbations import (frozen_eval, l2_direction, loss_input_grad, max_entry_direction, pgd_l2,
                                     pgd_linf, sign_direction)
 from tulip.schema import Iterations, NonNegative, NormOrder, Positive, Switch, as_norm_order, norm_order, one_of
-from tulip.train.objective import BatchChoice, Model, Penalty, TrainingBatch
+from tulip.train.loss import BatchChoice, Model, Penalty, TrainingBatch
 
 # A direction's norm order -> the unit step of that norm's steepest ascent for a gradient g.
 DIRECTIONS = {1.0: sign_direction, 2.0: l2_direction, math.inf: max_entry_direction}

@@ -1,8 +1,8 @@
 """How the training step runs on its device: precision, memory layout, compilation.
 
 `prepare_step` decides all three once per run, from `precision`, `channels_last` and `compile`, and
-hands tulip.train.loop a StepSetup: the model the objective calls, the context around each step's
-objective and the memory format of each batch. The step loop itself then tests none of them.
+hands tulip.train.loop a StepSetup: the model the training loss calls, the context around each step's
+loss and the memory format of each batch. The step loop itself then tests none of them.
 """
 import contextlib
 import copy
@@ -45,38 +45,38 @@ def uses_channels_last(setting, model: torch.nn.Module, device: torch.device) ->
 class StepSetup:
     """How the training step runs, decided once per run (`prepare_step`), so that the step loop itself
     tests none of `precision`, `channels_last`, `compile`."""
-    model: torch.nn.Module  # what the objective calls: the model, or its torch.compile wrapper
-    autocast: Callable[[], ContextManager] = contextlib.nullcontext  # around the step's objective
+    model: torch.nn.Module  # what the training loss calls: the model, or its torch.compile wrapper
+    autocast: Callable[[], ContextManager] = contextlib.nullcontext  # around the step's loss
     memory_format: torch.memory_format = torch.contiguous_format  # of the step's input batch
 
 
-def _probe(model, objective, x: torch.Tensor, y: torch.Tensor, autocast) -> Callable[[torch.nn.Module], None]:
-    """A function that runs one step's objective and weight gradients through a compiled `model`, so
+def _probe(model, loss_fn, x: torch.Tensor, y: torch.Tensor, autocast) -> Callable[[torch.nn.Module], None]:
+    """A function that runs one step's loss and weight gradients through a compiled `model`, so
     that torch.compile compiles (or fails) before training. Nothing of it remains: the batch statistics,
-    the random generators and the objective's state are restored, and no .grad is written."""
+    the random generators and the loss's state are restored, and no .grad is written."""
     def probe(compiled: torch.nn.Module) -> None:
         buffers = [b.clone() for b in model.buffers()]
-        rng, state = rng_state(), copy.deepcopy(objective.state_dict())
+        rng, state = rng_state(), copy.deepcopy(loss_fn.state_dict())
         try:
             model.train()
             with autocast():
-                loss = objective(compiled, x, y).loss
+                loss = loss_fn(compiled, x, y).loss
             torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
         finally:
             with torch.no_grad():
                 for buffer, saved in zip(model.buffers(), buffers):
                     buffer.copy_(saved)
             set_rng_state(rng)
-            objective.load_state_dict(state)
+            loss_fn.load_state_dict(state)
     return probe
 
 
-def compiled_for_training(model, objective, probe: Callable[[torch.nn.Module], None]) -> torch.nn.Module:
+def compiled_for_training(model, loss_fn, probe: Callable[[torch.nn.Module], None]) -> torch.nn.Module:
     """torch.compile(model) for the training step; where that cannot apply, `model` itself and one log
-    line saying why: an objective with double backprop (torch.compile's backward cannot be
+    line saying why: a loss with double backprop (torch.compile's backward cannot be
     differentiated again), or torch.compile unavailable or failing on `probe`'s step."""
-    if objective.double_backprop:
-        parts = [f"reg.{name}" for name, part in objective.parts.items() if getattr(part, "needs_graph", False)]
+    if loss_fn.double_backprop:
+        parts = [f"reg.{name}" for name, part in loss_fn.parts.items() if getattr(part, "needs_graph", False)]
         log.warning("compile=true: training the eager model: %s needs double backprop, which torch.compile "
                     "does not support", ", ".join(parts))
         return model
@@ -91,7 +91,7 @@ def compiled_for_training(model, objective, probe: Callable[[torch.nn.Module], N
     return compiled
 
 
-def prepare_step(cfg: DictConfig, model: torch.nn.Module, objective, data: Data,
+def prepare_step(cfg: DictConfig, model: torch.nn.Module, loss_fn, data: Data,
                  device: torch.device) -> StepSetup:
     """The training step of `cfg.precision`, `cfg.channels_last` and `cfg.compile`. channels_last
     changes `model`'s memory format in place (the same values: checkpoints and the Lipschitz bounds read
@@ -109,6 +109,6 @@ def prepare_step(cfg: DictConfig, model: torch.nn.Module, objective, data: Data,
     step_model = model
     if cfg.compile:
         x = data.train_x[:cfg.batch_size].contiguous(memory_format=memory_format)
-        step_model = compiled_for_training(model, objective, _probe(model, objective, x,
+        step_model = compiled_for_training(model, loss_fn, _probe(model, loss_fn, x,
                                                                     data.train_y[:cfg.batch_size], autocast))
     return StepSetup(step_model, autocast, memory_format)

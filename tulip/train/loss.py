@@ -1,6 +1,6 @@
-"""The training objective: cross-entropy on a chosen batch plus penalties, composed from parts.
+"""The training loss: cross-entropy on a chosen batch plus penalties, composed from parts.
 
-A regularizer is two choices, both made once when the objective is built:
+A regularizer is two choices, both made once when the loss is built:
 
 1. *Which batch to train on*: the clean batch, or the one ``BatchChoice`` whose switch (an ε or β) is
    > 0 — a one-step perturbation, a PGD batch, TRADES' adversary beside the clean batch.
@@ -14,7 +14,7 @@ multiplier from a flat key by interpolation (``lam: ${reg.lip}``). That keeps th
 class plus one option file that adds it under ``reg.penalties.<name>``.
 
 Each penalty declares what it needs from the training batch: the per-sample input gradients
-(``needs_input_grad``) and a graph through them for double backprop (``needs_graph``); the objective
+(``needs_input_grad``) and a graph through them for double backprop (``needs_graph``); the loss
 computes them once per step, only when some active penalty needs them.
 """
 import functools
@@ -53,7 +53,7 @@ class TrainingBatch:
 
 
 class Part:
-    """A part of an objective. ``switch`` names the argument (a multiplier, ε or β) that turns it on
+    """A part of a training loss. ``switch`` names the argument (a multiplier, ε or β) that turns it on
     when > 0, so that every part is in the config and a multiplier of 0 is off.
 
     Its arguments' schema is its ``__init__`` signature (``lam: NonNegative = 0.0``, types from
@@ -68,7 +68,7 @@ class Part:
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        check_init(cls)  # a bad argument raises ConfigError naming it; build_objective names its reg.* key
+        check_init(cls)  # a bad argument raises ConfigError naming it; build_loss names its reg.* key
 
     @property
     def active(self) -> bool:
@@ -101,7 +101,7 @@ class Penalty(Part):
         raise NotImplementedError
 
 
-# --- the objective ----------------------------------------------------------------------------------
+# --- the loss ---------------------------------------------------------------------------------------
 
 class StepOutput(NamedTuple):
     loss: torch.Tensor  # scalar, differentiable w.r.t. the model parameters
@@ -109,7 +109,7 @@ class StepOutput(NamedTuple):
     logs: dict  # name -> detached scalar tensor, e.g. {"train/penalty_lip": ...}
 
 
-class Objective:
+class TrainingLoss:
     """Cross-entropy on the chosen batch plus the active penalties; inactive parts are dropped here."""
 
     def __init__(self, batches: Mapping[str, BatchChoice], penalties: Mapping[str, Penalty]):
@@ -117,7 +117,7 @@ class Objective:
         if len(chosen) > 1:
             raise ValueError(f"at most one training batch may be chosen; got {', '.join(chosen)}")
         self.batch = batches[chosen[0]] if chosen else None
-        # The active parts by their place in the config, for the checkpoint's "objective" entry
+        # The active parts by their place in the config, for the checkpoint's "loss" entry
         self.parts = {**{f"batches.{name}": batches[name] for name in chosen},
                       **{f"penalties.{name}": part for name, part in penalties.items() if part.active}}
         self.penalties = [(penalty_key(name), part) for name, part in penalties.items() if part.active]
@@ -186,8 +186,8 @@ def _build_part(node: DictConfig, path: str, model: Model | None) -> tuple[Part,
     return part, source_key(node, part.switch, f"{path}.{part.switch}")
 
 
-def build_objective(reg: DictConfig, model: Model | None = None) -> Objective:
-    """The objective of ``cfg.reg``; raises ConfigError naming the reg.* key of a bad value.
+def build_loss(reg: DictConfig, model: Model | None = None) -> TrainingLoss:
+    """The training loss of ``cfg.reg``; raises ConfigError naming the reg.* key of a bad value.
 
     With `model`, every active part checks the model's structure now, before training (without it,
     parts that need the model prepare themselves on their first step).
@@ -208,7 +208,7 @@ def build_objective(reg: DictConfig, model: Model | None = None) -> Objective:
               if key not in used]
     if unused:
         raise ConfigError(unused[0], OmegaConf.select(reg, unused[0].removeprefix("reg.")),
-                          f"a key that a part of the objective reads (reg.batches / reg.penalties); none reads "
+                          f"a key that a part of the loss reads (reg.batches / reg.penalties); none reads "
                           f"{', '.join(unused)}")
     parts = {group: {name: part for name, (part, _) in built[group].items()} for group in PART_GROUPS}
-    return Objective(parts["batches"], parts["penalties"])
+    return TrainingLoss(parts["batches"], parts["penalties"])

@@ -13,7 +13,7 @@ BF16_REL = 1e-2
 
 
 @pytest.mark.parametrize("model_name, regularizer", BF16_CASES)
-def test_bf16_objective_computes_what_float32_computes(model_name, regularizer):
+def test_bf16_loss_computes_what_float32_computes(model_name, regularizer):
     """Same weights, batch and random draws: the loss and every penalty (double backprop, input-gradient
     batches, GloRo's K, TRADES' KL, finite differences) under bf16 autocast are float32's to 1 %."""
     (fp32, fp32_gradient), (bf16, bf16_gradient) = objective_in_fp32_and_bf16(model_name, regularizer, "cpu")
