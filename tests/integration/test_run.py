@@ -88,7 +88,7 @@ def test_load_run_errors_name_the_folder(tmp_path, trained_run):
     (("optim=adamw", "scheduler=onecycle"), 3), (("scheduler=constant",), 1)])
 def test_interrupted_run_resumes_to_the_same_metrics(tmp_path, monkeypatch, optimization, learning_rates):
     def compose():
-        return compose_config("epochs=3", "dataset.train_subset=256", *optimization)
+        return compose_config("epochs=3", "dataset.train_subset=256", "dataset.test_subset=100", *optimization)
 
     uninterrupted = run(compose(), tmp_path / "whole")
     run_interrupted_in_second_epoch(compose(), tmp_path / "split", monkeypatch)
