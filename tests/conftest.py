@@ -223,6 +223,17 @@ TIERS = ("system", "integration", "unit")  # heaviest first: the order tests sta
 SYSTEM_TIMEOUT_S = 900
 
 
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto`: one worker per core, and one more when the system tier runs: its tests mostly wait on
+    their subprocesses, SIGKILLs and the SLURM cluster, and a third worker fills those waits."""
+    cores = len(os.sched_getaffinity(0))
+    tests = Path(__file__).parent
+    system = tests / "system"
+    runs_system = any(Path(str(arg).split("::")[0]).resolve() in (tests, system)
+                      or system in Path(str(arg).split("::")[0]).resolve().parents for arg in config.args)
+    return cores + 1 if runs_system else cores
+
+
 def _tier(item) -> str | None:
     tests = Path(__file__).parent
     return item.path.relative_to(tests).parts[0] if item.path.is_relative_to(tests) else None
