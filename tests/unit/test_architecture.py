@@ -91,15 +91,16 @@ def test_no_file_points_outside_the_repository():
 # nn/ is plain torch modules and math; launching a sweep never needs the report's plotting stack.
 LAYER_MAY_IMPORT = {
     "tulip.schema": (),  # the rules every config value is checked against
+    "tulip.stats": (),  # intervals and paired tests: numbers in, numbers out
     "tulip.runs": (),
     "tulip.nn": ("tulip.schema",),
     "tulip.launch": ("tulip.runs", "tulip.schema"),
-    "tulip.report": ("tulip.runs",),
+    "tulip.report": ("tulip.runs", "tulip.stats"),
     # judging a model needs no training: the evaluation runs on any checkpoint
-    "tulip.evaluate": ("tulip.nn", "tulip.runs", "tulip.schema", "tulip.config", "tulip.data", "tulip.build",
+    "tulip.evaluate": ("tulip.nn", "tulip.runs", "tulip.schema", "tulip.stats", "tulip.config", "tulip.data", "tulip.build",
                        "tulip.seeding"),
     # training measures every epoch with the evaluation's per-epoch measures, and nothing else of it
-    "tulip.train": ("tulip.nn", "tulip.evaluate.measures", "tulip.runs", "tulip.schema", "tulip.config",
+    "tulip.train": ("tulip.nn", "tulip.evaluate.measures", "tulip.runs", "tulip.schema", "tulip.stats", "tulip.config",
                     "tulip.data", "tulip.build", "tulip.seeding"),
 }
 # Entry points and tools: nothing inside the package depends on them

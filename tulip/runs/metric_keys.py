@@ -152,6 +152,24 @@ def certified_error(eps: float) -> str:
     return f"{CERTIFIED_ERROR_STEM}@{eps_text(eps)}"
 
 
+# The 95 % interval of an error rate over images (Wilson), next to the rate: ``ci95_low/<key>`` and
+# ``ci95_high/<key>``, in percent like the rate itself.
+INTERVAL_PREFIXES = ("ci95_low/", "ci95_high/")
+
+
+def interval_keys(key: str) -> tuple[str, str]:
+    """The keys of `key`'s 95 % interval: (``ci95_low/<key>``, ``ci95_high/<key>``)."""
+    return tuple(prefix + key for prefix in INTERVAL_PREFIXES)
+
+
+def interval_of(key: str) -> tuple[str, str] | None:
+    """(bound, rate key) for an interval key (bound "low" or "high"), None for any other key."""
+    for prefix in INTERVAL_PREFIXES:
+        if key.startswith(prefix):
+            return prefix[len("ci95_"):-1], key[len(prefix):]
+    return None
+
+
 def neighbours(norm: str, stat: str) -> str:
     return f"nn/{norm}_{stat}"
 
