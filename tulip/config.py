@@ -14,6 +14,7 @@ from typing import Annotated
 import torch
 from omegaconf import DictConfig, ListConfig
 
+from tulip.runs import metric_keys
 from tulip.runs.metric_keys import BEST_ATTACK, canonical, is_scalar_key, parse_robust_error
 from tulip.schema import (LARGEST, MAX_EPOCHS, MAX_ITERATIONS, MAX_SEED, MAX_THREADS, NONNEGATIVE, POSITIVE,
                           SMALLEST, ConfigError, Count, Epochs, Epsilons, Iterations, OptionalCount, Rule, Seed,
@@ -29,7 +30,7 @@ WANDB_MODES = ("offline", "online", "disabled")
 PRECISIONS = ("fp32", "bf16")
 
 # The config keys that are training state: what the weights, the optimizer's state and the random
-# streams depend on, and which epoch is the best (chosen on the test error, so the dataset's test set).
+# streams depend on, and which epoch is the best (chosen on the validation error: the dataset's splits).
 # A run resumes only with the same values of these; every other key may change between attempts:
 # test_batch_size, eval.* and attack.* only measure, wandb.* only shows; the device and the thread count
 # change rounding, not the math (a GPU job may go on on the CPU and back), and so do channels_last and
@@ -61,6 +62,7 @@ class EpsilonKeys:
 
 @dataclass
 class AttackKeys:
+    split: Annotated[str, one_of("test", "val")]
     n: OptionalCount
     batch_size: Count
     epsilons: EpsilonKeys
@@ -132,18 +134,44 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError("scheduler.gamma", scheduler.gamma,
                               f"a factor with optim.lr·gamma^{exponent} <= {LARGEST:g} ({exponent} milestones "
                               f"fall before epoch {cfg.epochs})")
+    if cfg.attack.split == "val" and not _has_validation_split(cfg):
+        raise ConfigError("attack.split", "val", "test when dataset.val_size=0 (there is no validation split)")
     validate_objectives(cfg)
 
 
+def _has_validation_split(cfg: DictConfig) -> bool:
+    return (cfg.dataset.get("val_size") or 0) > 0
+
+
+# Per-epoch figures measured on test images (tulip.evaluate.measures); the final evaluation's families
+# read the images of attack.split.
+TEST_IMAGE_FIGURES = (metric_keys.LOSS_GRAD_MAX, metric_keys.LOSS_GRAD_MEAN, metric_keys.JACOBIAN_2INF)
+EVALUATION_FAMILIES = (metric_keys.ATTACK_PREFIX, *metric_keys.BOUNDS_FAMILIES)
+
+
+def reads_test_set(key: str, cfg: DictConfig) -> bool:
+    """Whether metric `key` of a run with config `cfg` is computed from the test set's images."""
+    if key.startswith("test/") or key == metric_keys.BEST_TEST_ERROR or key in TEST_IMAGE_FIGURES:
+        return True
+    return key.startswith(EVALUATION_FAMILIES) and cfg.attack.split == "test"
+
+
 def validate_objectives(cfg: DictConfig) -> None:
-    """`objectives`: metrics this run can produce. A robust-error key must name an attack of the run (or
-    `best`) and an ε of its curve, so that a sweep does not train for hours to return NaN."""
+    """`objectives`: metrics this run can produce, none read from the test set when there is a validation
+    split (a sweep that chose on the test set would report an optimistic test error). A robust-error key
+    must name an attack of the run (or `best`) and an ε of its curve, so that a sweep does not train for
+    hours to return NaN."""
     objectives = cfg.get("objectives")
     if not (isinstance(objectives, ListConfig) and len(objectives) >= 1
             and all(isinstance(o, str) and is_scalar_key(o) for o in objectives)):
         raise ConfigError("objectives", objectives, "a list of metric keys, e.g. "
-                          "[test/error_pct,attack/best/error_pct_l2@1] (see tulip/runs/metric_keys.py)")
+                          "[val/error_pct,attack/best/error_pct_l2@1] (see tulip/runs/metric_keys.py)")
     for name in objectives:
+        if _has_validation_split(cfg) and reads_test_set(name, cfg):
+            raise ConfigError("objectives", name, "a metric of the validation split, as choices never read the "
+                              "test set: val/error_pct, best/val_error_pct, or an attack's or the certificate's "
+                              "error with attack.split=val (dataset.val_size=0 chooses on the test set, the "
+                              "original protocol)")
         key = parse_robust_error(name)
         if key is None:
             continue

@@ -21,7 +21,7 @@ GLORO = ("model=cnn_4c3f", *SHRINK["cnn_4c3f"])
     (["reg.pgd.steps=0"], "reg.pgd.steps"),  # a part's argument, through its interpolation
     (["attack=ddn", "attack.methods.ddn.gamma=nan"], "attack.methods.ddn.gamma"),
     (["dataset.train_subset=4001"], "dataset.train_subset"),  # needs the data: once it is loaded
-    (["dataset.train_per_class=6", "dataset.train_subset=null"], "batch_size"),  # 60 images, batches of 64
+    (["dataset.train_per_class=6", "dataset.train_subset=null", "dataset.val_size=0"], "batch_size"),  # 60 images, batches of 64
     (["regularizer=gloro"], "reg.gloro"),  # needs the model: cnn_small has BatchNorm
 ])
 def test_a_bad_value_stops_the_run_before_training(overrides, key, tmp_path):

@@ -129,7 +129,7 @@ def test_evaluate_mode_adds_attacks_to_an_existing_run(trained_copy):
     run_dir, _ = trained_copy
     before = json.loads((run_dir / "summary.json").read_text())
     metrics = run(compose_config("mode=evaluate", f"run_dir={run_dir}", "attack=deepfool_l2", "attack.n=20",
-                                 "attack.methods.deepfool_l2.steps=10"))
+                                 "attack.methods.deepfool_l2.steps=50"))
     assert metrics["attack/deepfool_l2/failures"] == 0 and metrics["attack/n"] == 20
     after = json.loads((run_dir / "summary.json").read_text())
     assert after["attack/deepfool_l2/median_l2"] == pytest.approx(metrics["attack/deepfool_l2/median_l2"])
@@ -177,7 +177,8 @@ def test_summary_mode_recomputes_the_original_statistics(trained_copy, capsys):
 def test_bounds_have_their_own_switch(tmp_path):
     """Without any attack the bounds still run (eval.bounds defaults to on), on the first attack.n images."""
     metrics = run(compose_config("attack.n=30"), tmp_path)
-    assert "cert/median_l2" in metrics and not any(k.startswith("attack/") for k in metrics)
+    assert "cert/median_l2" in metrics and metrics["attack/split"] == "test"  # which images the bounds used
+    assert not any(k.startswith("attack/") for k in metrics if k != "attack/split")
     assert len(read_csv(tmp_path / "bounds.csv")) == 30 and not (tmp_path / "attacks.csv").exists()
 
 

@@ -88,7 +88,7 @@ def test_channels_last_trains_the_same_step_and_keeps_the_bounds(monkeypatch):
     """channels_last=true on the CPU: NHWC weights and inputs, the same loss and weights after a step as
     NCHW, the same guaranteed Lipschitz bound; channels_last=auto leaves a CPU run NCHW. On three-channel
     images: with one channel NHWC and NCHW are the same layout."""
-    cfg = compose_config("channels_last=true", *SHRINK["cnn_small"])
+    cfg = compose_config("channels_last=true", "dataset.val_size=0", *SHRINK["cnn_small"])
     digits = load_dataset(cfg.dataset, CPU)
     x = digits.train_x[:64]
     data = dataclasses.replace(digits, train_x=torch.cat([x, 1 - x, x.flip(-1)], 1), train_y=digits.train_y[:64])

@@ -37,7 +37,9 @@ def test_run_writes_metrics_summary_and_checkpoints(tmp_path):
     # the Lipschitz figures every eval.every=2 epochs (and always the last), the rest every epoch
     assert set(EPOCH_KEYS) <= set(rows[1]) and "lipschitz/loss_grad_max" not in rows[0]
     assert {"epoch", "lr", "time/epoch_s", "train/loss", "train/error_pct", "test/loss", "test/error_pct"} <= set(rows[0])
-    assert summary["best/test_error_pct"] == min(row["test/error_pct"] for row in rows)
+    assert summary["test/lowest_error_pct"] == min(row["test/error_pct"] for row in rows)
+    assert summary["best/val_error_pct"] == min(row["val/error_pct"] for row in rows)
+    assert summary["best/test_error_pct"] == rows[summary["best/epoch"] - 1]["test/error_pct"]
     assert metrics["test/error_pct"] == rows[-1]["test/error_pct"] == summary["test/error_pct"]
     for name in ("last.pt", "best.pt"):
         saved = torch.load(tmp_path / "checkpoints" / name, weights_only=True)
@@ -144,7 +146,9 @@ def test_wandb_offline_run_holds_epochs_config_and_summary(tmp_path):
     assert state["exit_code"] == 0 and state["state"] == "finished"
     assert state["config"]["epochs"] == 2 and state["config"]["optim"]["lr"] == 0.1
     assert state["summary"]["best/test_error_pct"] == pytest.approx(summary["best/test_error_pct"])
-    assert state["summary"]["test/error_pct"]["min"] == pytest.approx(summary["best/test_error_pct"])
+    assert state["summary"]["test/error_pct"]["min"] == pytest.approx(summary["test/lowest_error_pct"])
+    assert state["summary"]["val/error_pct"]["min"] == pytest.approx(summary["best/val_error_pct"])
+    assert state["summary"]["selection"] == "val"
     assert state["summary"]["weights/layer_norm_product"] == pytest.approx(
         summary["weights/layer_norm_product"])
     record = run_record(path)

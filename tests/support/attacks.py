@@ -27,7 +27,7 @@ def trained_mlp_and_images() -> tuple[torch.nn.Module, torch.Tensor, torch.Tenso
     """A linear-ish MLP after one quick epoch on mnist5k, and 24 test images, 3 of them misclassified
     on purpose (their labels are changed)."""
     torch.manual_seed(0)
-    digits = mnist5k(train_subset=2000)
+    digits = mnist5k(train_subset=2000, val_size=0)
     model = MLP(1, 10, 28, hidden=[32])
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     for start in range(0, 2000, 100):

@@ -1,5 +1,6 @@
 """Job folders written by hand: the files a job leaves, with chosen numbers and no training, for the
 report's tests (tulip.report reads nothing else)."""
+import csv
 import json
 from pathlib import Path
 
@@ -28,3 +29,25 @@ def write_multirun(root: Path, task: list[str], params: dict):
     root.mkdir(parents=True, exist_ok=True)
     hydra = {"overrides": {"task": task}, "sweeper": {"params": params}}
     (root / "multirun.yaml").write_text(yaml.safe_dump({"hydra": hydra}))
+
+
+def write_per_image(folder: Path, labels, predictions, distances: dict | None = None, certified=None,
+                    indices=None) -> Path:
+    """attacks.csv (index, label, prediction, then each `<attack>_<norm>` distance column of `distances`)
+    and, given `certified` radii, bounds.csv (index, label, prediction, certified_l2), as
+    tulip.evaluate.final writes them: one row per image, floats as repr so inf stays inf."""
+    indices = list(range(len(labels))) if indices is None else list(indices)
+    images = {"index": indices, "label": list(labels), "prediction": list(predictions)}
+
+    def write(name: str, columns: dict):
+        with (folder / f"{name}.csv").open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(columns)
+            writer.writerows(zip(*([repr(float(v)) if isinstance(v, float) else v for v in values]
+                                   for values in columns.values())))
+
+    if distances is not None:
+        write("attacks", {**images, **distances})
+    if certified is not None:
+        write("bounds", {**images, "certified_l2": list(certified)})
+    return folder

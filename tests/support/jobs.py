@@ -16,12 +16,12 @@ RUN_PY = ROOT / "run.py"
 SWEEPS = ROOT / "sweeps"
 
 # The keys of every epoch's record (metrics.jsonl) and of every finished run's summary.json.
-EPOCH_KEYS = ["epoch", "lr", "time/epoch_s", "train/loss", "train/error_pct", "test/loss",
-              "test/error_pct", "lipschitz/loss_grad_max", "lipschitz/loss_grad_mean",
+EPOCH_KEYS = ["epoch", "lr", "time/epoch_s", "train/loss", "train/error_pct", "val/loss", "val/error_pct",
+              "test/loss", "test/error_pct", "lipschitz/loss_grad_max", "lipschitz/loss_grad_mean",
               "lipschitz/jacobian_2inf", "weights/product_2inf", "weights/product_spectral",
               "weights/layer_norm_estimate"]
 SUMMARY_KEYS = EPOCH_KEYS + ["weights/layer_norm_product", "status", "best/test_error_pct", "best/epoch",
-                             "overrides"]
+                             "best/val_error_pct", "test/lowest_error_pct", "selection", "overrides"]
 
 # The Lipschitz lower-bound search of the final evaluation, shortened: at its default (64 images x 30
 # steps) it is most of a tiny run's time, and any search gives a valid lower bound.
@@ -31,11 +31,12 @@ TINY_JOB = ["epochs=1", "dataset=mnist5k", "dataset.train_subset=512", "dataset.
             "attack=none", *SHORT_LOWER_BOUND]
 
 
-def run_tulip(args: list[str], cwd: Path, timeout: float, env: dict | None = None,
+def run_tulip(args: list[str], cwd: Path, timeout: float, env: dict | None = None, script: Path = RUN_PY,
               ) -> subprocess.CompletedProcess:
-    """`python run.py ARGS` in `cwd`; a run that outlives `timeout` fails the test (never hangs it)."""
+    """`python run.py ARGS` in `cwd` (or another `script` that starts Tulip's app); a run that outlives
+    `timeout` fails the test (never hangs it)."""
     try:
-        return subprocess.run([sys.executable, str(RUN_PY), *args], cwd=cwd, text=True,
+        return subprocess.run([sys.executable, str(script), *args], cwd=cwd, text=True,
                               capture_output=True, timeout=timeout, env={**os.environ, **(env or {})})
     except subprocess.TimeoutExpired as expired:
         output = (expired.stdout or "") + (expired.stderr or "")

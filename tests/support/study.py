@@ -7,9 +7,10 @@ import pytest
 
 from support.jobs import TINY_JOB, read_summary
 
-OBJECTIVES = ["test/error_pct", "attack/best/error_pct_l2@1"]
-# A trial: 1 epoch on 512 images, DDN (10 steps) on 50 test images for the robust error at L2 1.
-MO_TINY = [*TINY_JOB, "wandb.mode=disabled", "attack=ddn", "attack.n=50", "attack.methods.ddn.steps=10",
+OBJECTIVES = ["val/error_pct", "attack/best/error_pct_l2@1"]
+# A trial: 1 epoch on 512 images, DDN (10 steps) on 50 validation images for the robust error at L2 1.
+MO_TINY = [*TINY_JOB, "wandb.mode=disabled", "attack=ddn", "attack.split=val", "attack.n=50",
+           "attack.methods.ddn.steps=10",
            "eval.bounds=false", f"objectives=[{','.join(OBJECTIVES)}]", "hydra/sweeper=optuna",
            "regularizer=lip", "reg.lip=tag(log,interval(1e-3,1))"]
 

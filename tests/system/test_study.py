@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
-from support.jobs import RUN_PY, job_folders, output_of, read_summary, run_tulip
+from support.jobs import ROOT, RUN_PY, job_folders, output_of, read_summary, run_tulip
 from support.study import MO_TINY, OBJECTIVES, assert_report_draws_the_front
 from tulip.launch.cpus import cpus_given
 from tulip.launch.sweeper import FRONT_FILE
@@ -87,6 +87,29 @@ def test_six_trial_multi_objective_sweep_records_the_study_and_reruns_the_front(
     assert len(job_folders(sweep_dir)) == 6 + len(reruns) + len(new_jobs)
     assert all((j / "summary.json").stat().st_mtime_ns == before[j.name]
                for j in job_folders(sweep_dir) if j.name in before)
+
+
+def test_a_study_proposes_the_same_trials_when_the_test_labels_are_permuted(tmp_path):
+    """The objectives read the validation split (tests/support/study.py), so the sampler sees the same
+    values and proposes the same trials whatever the test labels are (tests/support/permuted_test_labels.py)."""
+    # TPE after 2 random trials: every later proposal moves with the values it was told
+    settings = ["hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=1", "epochs=3",
+                "hydra.sweeper.sampler._target_=optuna.samplers.TPESampler",
+                "~hydra.sweeper.sampler.population_size", "+hydra.sweeper.sampler.n_startup_trials=2"]
+    studies = {}
+    for name, script in (("plain", RUN_PY), ("permuted", ROOT / "tests" / "support" / "permuted_test_labels.py")):
+        result = run_tulip(["-m", *MO_TINY, f"hydra.sweep.dir={tmp_path / name}", *settings], tmp_path, 300,
+                           script=script)
+        assert result.returncode == 0, output_of(result)
+        studies[name] = load_study(tmp_path / name).get_trials()
+    plain, permuted = studies["plain"], studies["permuted"]
+    assert [t.state for t in permuted] == [TrialState.COMPLETE] * 4
+    assert [t.params for t in plain] == [t.params for t in permuted]
+    assert [t.values for t in plain] == [t.values for t in permuted]
+    for trial in permuted:  # and the permutation reached every trial: the test errors differ
+        job = str(trial.user_attrs["job"])
+        errors = [read_summary(tmp_path / name / job)["test/error_pct"] for name in ("plain", "permuted")]
+        assert errors[0] != errors[1], errors
 
 
 def test_an_interrupted_trial_reruns_in_its_folder_and_failed_trials_do_not_stop_the_study(tmp_path):

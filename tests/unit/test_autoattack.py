@@ -130,7 +130,7 @@ def test_distance_is_the_adversarial_at_the_smallest_successful_eps(model_and_im
 @pytest.mark.parametrize("norm", NORMS)
 def test_the_ensemble_breaks_every_image_any_member_breaks(norm, model_and_images, tmp_path):
     model, x, y = model_and_images
-    data = replace(mnist5k(train_subset=100), test_x=x, test_y=y)
+    data = replace(mnist5k(train_subset=100, val_size=0), test_x=x, test_y=y)
     shrink = [f"attack.methods.{name}_{norm}.{key}={value}" for name in ("apgd_ce", "apgd_t", "fab_t")
               for key, value in FAST[name].items()]
     cfg = compose_config(f"attack=autoattack_fast_{norm}", *shrink, "eval.bounds=false")
@@ -147,7 +147,7 @@ def test_the_ensemble_breaks_every_image_any_member_breaks(norm, model_and_image
 def trained_model_and_test_images(model_and_images):
     """The fixture's model on 100 test images (finer than its 24 for a 1-point comparison)."""
     model, _, _ = model_and_images
-    digits = mnist5k(train_subset=100)
+    digits = mnist5k(train_subset=100, val_size=0)
     return model, digits.test_x[:100], digits.test_y[:100]
 
 

@@ -74,7 +74,7 @@ def test_labels_outside_the_classes_in_real_mnist_files(tmp_path):
     raw = bytearray(labels.read_bytes())
     raw[8 + 5] = 12  # the idx header is 8 bytes; image 5 of the test set gets label 12 of 10 classes
     labels.write_bytes(bytes(raw))
-    cfg = compose_config("dataset=mnist", f"dataset.root={tmp_path}", tiny=False)
+    cfg = compose_config("dataset=mnist", f"dataset.root={tmp_path}", "dataset.val_size=10", tiny=False)
     with pytest.raises(ValueError, match=r"^dataset tulip\.data\.mnist: test_y holds labels in \[0, 12\] "
                                          r"\(the first outside: image 5\)"):
         load_dataset(cfg.dataset, CPU)

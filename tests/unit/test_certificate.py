@@ -101,7 +101,7 @@ def test_certificate_is_sound_for_every_model_family(name, tanh):
 
 @pytest.fixture(scope="module")
 def digits():
-    return mnist5k()
+    return mnist5k(val_size=0)
 
 
 @pytest.mark.parametrize("name", ["cnn_small", "allcnn"])

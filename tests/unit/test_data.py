@@ -10,24 +10,51 @@ from torchvision.datasets import CIFAR10, CIFAR100, MNIST, FashionMNIST
 
 from conftest import compose_config
 from tulip.data import crop_and_flip, load_dataset
+from tulip.schema import ConfigError
 
 CPU = torch.device("cpu")
 
 
-def test_mnist5k_is_a_stratified_seeded_split():
+def test_mnist5k_is_a_stratified_seeded_split_into_train_validation_and_test():
     data = load_dataset(compose_config(tiny=False).dataset, CPU)
-    assert data.train_x.shape == (4000, 1, 28, 28) and data.test_x.shape == (1000, 1, 28, 28)
+    assert data.train_x.shape == (3500, 1, 28, 28) and data.val_x.shape == (500, 1, 28, 28)
+    assert data.test_x.shape == (1000, 1, 28, 28)
     assert data.train_x.dtype == torch.float32
     assert 0 <= data.train_x.min() and data.train_x.max() <= 1 and data.train_x.max() > 0.99
-    assert torch.bincount(data.train_y, minlength=10).tolist() == [400] * 10
+    assert torch.bincount(data.train_y, minlength=10).tolist() == [350] * 10
+    assert torch.bincount(data.val_y, minlength=10).tolist() == [50] * 10
     assert torch.bincount(data.test_y, minlength=10).tolist() == [100] * 10
-    # no image is in both sets
-    train = {row.numpy().tobytes() for row in data.train_x.flatten(1)}
-    assert not any(row.numpy().tobytes() in train for row in data.test_x.flatten(1))
+    # no image is in two splits
+    seen = {}
+    for split in ("train", "val", "test"):
+        for row in data.split(split)[0].flatten(1):
+            assert seen.setdefault(row.numpy().tobytes(), split) == split
     again = load_dataset(compose_config(tiny=False).dataset, CPU)
-    assert torch.equal(data.test_x, again.test_x) and torch.equal(data.train_y, again.train_y)
+    for split in ("train", "val", "test"):
+        assert all(torch.equal(a, b) for a, b in zip(data.split(split), again.split(split)))
     other = load_dataset(compose_config("dataset.split_seed=1", tiny=False).dataset, CPU)
-    assert not torch.equal(data.test_y, other.test_y)
+    assert not torch.equal(data.test_y, other.test_y) and not torch.equal(data.val_x, other.val_x)
+
+
+def test_the_validation_split_is_carved_from_the_training_set_and_zero_keeps_the_original_split():
+    original = load_dataset(compose_config("dataset.val_size=0", tiny=False).dataset, CPU)
+    assert original.train_x.shape[0] == 4000 and len(original.val_y) == 0
+    carved = load_dataset(compose_config(tiny=False).dataset, CPU)
+    assert torch.equal(carved.test_x, original.test_x)  # the test set does not move
+    # train + validation is the original training set, each part in its original order
+    is_val = torch.zeros(4000, dtype=torch.bool)
+    rows = {row.numpy().tobytes(): i for i, row in enumerate(original.train_x.flatten(1))}
+    val_rows = [rows[row.numpy().tobytes()] for row in carved.val_x.flatten(1)]
+    is_val[val_rows] = True
+    assert val_rows == sorted(val_rows) and torch.equal(carved.train_x, original.train_x[~is_val])
+    # a training subset (a test's shortcut) never changes which images validate
+    subset = load_dataset(compose_config("dataset.train_subset=300", tiny=False).dataset, CPU)
+    assert torch.equal(subset.val_x, carved.val_x) and torch.equal(subset.train_x, carved.train_x[:300])
+
+
+def test_a_validation_split_as_large_as_the_training_set_names_the_key():
+    with pytest.raises(ConfigError, match=r"dataset.val_size=4000 .*\[0, 3999\]"):
+        load_dataset(compose_config("dataset.val_size=4000", tiny=False).dataset, CPU)
 
 
 def test_subsets_keep_every_class():
@@ -60,12 +87,18 @@ def write_mnist_files(root, dataset_class, n_train=30, n_test=20):
 @pytest.mark.parametrize("option, dataset_class", [("mnist", MNIST), ("fashion_mnist", FashionMNIST)])
 def test_mnist_like_loaders_read_idx_files(tmp_path, option, dataset_class):
     arrays = write_mnist_files(tmp_path, dataset_class)
-    cfg = compose_config(f"dataset={option}", f"dataset.root={tmp_path}", tiny=False)
+    cfg = compose_config(f"dataset={option}", f"dataset.root={tmp_path}", "dataset.val_size=0", tiny=False)
     data = load_dataset(cfg.dataset, CPU)
     images, labels = arrays["train"]
     assert data.train_x.shape == (30, 1, 28, 28) and data.test_x.shape == (20, 1, 28, 28)
     assert torch.allclose(data.train_x[:, 0] * 255, torch.from_numpy(images).float())
     assert data.train_y.tolist() == labels.tolist()
+    # the default validation split (5,000 of the real 60,000) does not fit these 30 images: named early
+    with pytest.raises(ConfigError, match=r"dataset.val_size=5000 .*\[0, 29\]"):
+        load_dataset(compose_config(f"dataset={option}", f"dataset.root={tmp_path}", tiny=False).dataset, CPU)
+    carved = load_dataset(compose_config(f"dataset={option}", f"dataset.root={tmp_path}", "dataset.val_size=10",
+                                         tiny=False).dataset, CPU)
+    assert (len(carved.train_y), len(carved.val_y), len(carved.test_y)) == (20, 10, 20)
     assert data.num_classes == 10
     assert torch.equal(data.augment(data.train_x), data.train_x)
 
@@ -100,7 +133,8 @@ def test_cifar_loaders_read_pickle_batches(tmp_path, monkeypatch, option, datase
     monkeypatch.setattr(dataset_class, "train_list", [[n, None] for n, _ in dataset_class.train_list])
     monkeypatch.setattr(dataset_class, "test_list", [[n, None] for n, _ in dataset_class.test_list])
     monkeypatch.setattr(dataset_class, "meta", {**dataset_class.meta, "md5": None})
-    data = load_dataset(compose_config(f"dataset={option}", f"dataset.root={tmp_path}", tiny=False).dataset, CPU)
+    data = load_dataset(compose_config(f"dataset={option}", f"dataset.root={tmp_path}", "dataset.val_size=0",
+                                       tiny=False).dataset, CPU)
     first_images, first_labels = expected["train"][0]
     assert data.train_x.shape[1:] == (3, 32, 32) and data.num_classes == num_classes
     assert torch.allclose(data.train_x[0] * 255,

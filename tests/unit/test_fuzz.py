@@ -215,11 +215,14 @@ KEYS = {
        for key in ("attack.epsilons.l2", "attack.epsilons.linf")},
     "eval.bounds": choice_key("eval.bounds", [True, False]),
     "eval.nn": choice_key("eval.nn", [True, False]),
-    "dataset.train_subset": image_count_key("dataset.train_subset", BATCH, 4000, nullable=True),
+    # 3,500: mnist5k's 4,000 training digits less the 500 of the validation split
+    "dataset.train_subset": image_count_key("dataset.train_subset", BATCH, 3500, nullable=True),
     "dataset.test_subset": int_key("dataset.test_subset", 1, 1000, nullable=True),
-    # 10 classes: 7 images of each make one batch; the whole of mnist5k, so no subset cuts them
+    # 10 classes: 7 images of each make one batch; the whole of mnist5k, so no subset cuts them (and no
+    # validation split, which would need more than 70)
     "dataset.train_per_class": image_count_key("dataset.train_per_class", 7, 499, nullable=False,
-                                               extra=("dataset.train_subset=null", "dataset.test_subset=null")),
+                                               extra=("dataset.train_subset=null", "dataset.test_subset=null",
+                                                      "dataset.val_size=0")),
     "dataset.split_seed": int_key("dataset.split_seed", 0, MAX_SEED),
 }
 
@@ -289,7 +292,10 @@ def test_a_value_passes_the_checks_or_fails_them_naming_its_key(key, mnist5k_par
     (["dataset.train_subset=abc"], "dataset.train_subset"),
     (["dataset.train_subset=[]"], "dataset.train_subset"),
     (["dataset.train_subset=64.5"], "dataset.train_subset"),
-    (["dataset.train_subset=4001"], "dataset.train_subset"),
+    (["dataset.train_subset=3501"], "dataset.train_subset"),
+    (["dataset.val_size=-1"], "dataset.val_size"),
+    (["dataset.val_size=4000"], "dataset.val_size"),
+    (["attack.split=train"], "attack.split"),
     (["dataset.train_per_class=0"], "dataset.train_per_class"),
     (["dataset.train_per_class=1000"], "dataset.train_per_class"),
     (["dataset.split_seed=nan"], "dataset.split_seed"),

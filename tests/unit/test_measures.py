@@ -8,7 +8,8 @@ from torch import nn
 
 from conftest import SHRINK, build_model_option, dense_matrix, exact_operator_norm, with_random_statistics
 from tulip.nn.lipschitz import (POWER_SAFETY, conv_norm_estimate, layer_norm_bound, layer_norm_estimate)
-from tulip.evaluate.measures import class_balanced_subset, measure
+from tulip.data import class_balanced_subset
+from tulip.evaluate.measures import measure
 from tulip.nn.perturbations import loss_input_grad
 from tulip.nn.models import BranchMean, ConvBN, GlobalAvgPool, Residual
 

@@ -107,7 +107,51 @@ def test_runs_csv_and_the_grouped_table(tmp_path):
         assert float(row[f"{error}_std"]) == pytest.approx(np.std(values, ddof=1), rel=1e-12)
     assert none[distance] == "nan" and none[f"{distance}_std"] == "nan"  # the null run counts, as NaN
     assert (lip[distance], lip[f"{distance}_std"], lip[f"{distance}_n"]) == ("2.0", "", "1")
-    assert "| lip | 2 | 5.25 ± 0.35 | 2 (n=1) | 2 finished, 1 failed |" in (out / "report.md").read_text()
+    # An error rate with its 95 % t interval over the 2 seeds (5.25 ± 12.706·0.25), other metrics ± std.
+    assert "| lip | 2 | 5.25 [2.07, 8.43] | 2 (n=1) | 2 finished, 1 failed |" in (out / "report.md").read_text()
+
+
+
+def test_error_columns_carry_their_95_percent_interval(tmp_path):
+    """report.csv and report.md: the t interval of the mean over 3 seeds (scipy's), the run's own Wilson
+    interval (its ci95_* keys) for a single seed, nothing for an older single run without those keys;
+    the ci95_* keys stay in runs.csv and are never columns of their own."""
+    from scipy import stats as scipy_stats
+    from tulip.report.tables import read_report_csv
+
+    error, robust = "test/error_pct", "attack/best/error_pct_l2@1"
+    seeds = [2.5, 3.0, 3.3]
+    runs = [("none", seed, {error: value, robust: 40.0 + seed, f"ci95_low/{error}": 0.0, f"ci95_high/{error}": 99.0})
+            for seed, value in enumerate(seeds)]  # the seeds' own intervals: not the interval of their mean
+    runs += [("lip", 0, {error: 4.0, robust: 30.0, f"ci95_low/{error}": 3.1, f"ci95_high/{error}": 5.2,
+                         f"ci95_low/{robust}": 25.0, f"ci95_high/{robust}": 35.5}),
+             ("J2", 0, {error: 5.0, robust: 20.0})]  # from before the ci95 keys
+    for job, (method, seed, summary) in enumerate(runs):
+        method_run(tmp_path / "sweep" / str(job), method, seed, summary)
+    out = tmp_path / "out"
+    assert report.main([str(tmp_path / "sweep"), "--out", str(out), "--metric", error, "--metric", robust]) == 0
+
+    assert f"ci95_low/{error}" in read_csv(out / "runs.csv")[0]
+    rows = {row["regularizer"]: row for row in read_csv(out / "report.csv")}
+    assert not [column for column in rows["none"] if column.startswith("ci95")]
+    low, high = scipy_stats.t.interval(0.95, len(seeds) - 1, loc=np.mean(seeds), scale=scipy_stats.sem(seeds))
+    none, lip, j2 = rows["none"], rows["lip"], rows["J2"]
+    assert (float(none[f"{error}_ci_low"]), float(none[f"{error}_ci_high"])) == pytest.approx((low, high), rel=1e-12)
+    assert (lip[f"{error}_ci_low"], lip[f"{error}_ci_high"]) == ("3.1", "5.2")
+    assert (lip[f"{robust}_ci_low"], lip[f"{robust}_ci_high"]) == ("25.0", "35.5")
+    assert (j2[f"{error}_ci_low"], j2[f"{error}_ci_high"]) == ("", "")
+    markdown = (out / "report.md").read_text()
+    assert "95 % interval: t over seeds, or Wilson over images for one seed" in markdown
+    assert f"| none | 3 | 2.93 [{low:.2f}, {high:.2f}] |" in markdown
+    assert "| lip | 1 | 4.00 [3.10, 5.20] |" in markdown and "| J2 | 1 | 5.00 |" in markdown
+    assert "| lip | 1 | 30.00 [25.00, 35.50] |" in markdown  # the robust-error table
+
+    # Read back, the interval columns are the metrics' intervals, not metrics.
+    table, keys, metrics = read_report_csv(out / "report.csv")
+    assert (keys, metrics) == (["regularizer"], [error, robust])
+    read_back = dict(zip(table["regularizer"], table[f"{error}_ci_high"]))
+    assert read_back["none"] == pytest.approx(high, rel=1e-12) and read_back["lip"] == 5.2
+    assert np.isnan(read_back["J2"])
 
 
 SWEEP_FILE = ROOT / "sweeps" / "regularizers.yaml"

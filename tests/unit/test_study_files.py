@@ -9,7 +9,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from conftest import compose_config, compose_with_hydra
 from support.jobs import SWEEPS
 from support.study import OBJECTIVES
-from tulip.config import ConfigError, objective_values, validate
+from tulip.config import ConfigError, objective_values, reads_test_set, validate
 from tulip.launch.sweeper import distribution, search_space
 
 FAMILIES = ["lip", "J1", "J2", "lip+J2", "gradnorm_fd", "pgd_l2", "trades", "gloro"]
@@ -53,11 +53,41 @@ def test_run_returns_the_objectives_in_order_and_nan_for_missing_ones():
     ("[attack/best/error_pct_l2@0.7]", r"objectives.*attack.epsilons.l2"),
 ])
 def test_objectives_that_cannot_be_produced_fail_before_training(objectives, message):
-    cfg = compose_config(f"objectives={objectives}", "attack=ddn")
+    cfg = compose_config(f"objectives={objectives}", "attack=ddn", "attack.split=val")
     with pytest.raises(ConfigError, match=message):
         validate(cfg)
-    validate(compose_config("objectives=[test/error_pct,attack/best/error_pct_l2@1.0,attack/ddn/median_l2]",
-                            "attack=ddn"))
+    validate(compose_config("objectives=[val/error_pct,attack/best/error_pct_l2@1.0,attack/ddn/median_l2]",
+                            "attack=ddn", "attack.split=val"))
+
+
+@pytest.mark.parametrize("objective, settings", [
+    ("test/error_pct", []),
+    ("best/test_error_pct", []),
+    ("test/lowest_error_pct", []),
+    ("lipschitz/loss_grad_max", []),  # measured on test images every epoch
+    ("attack/best/error_pct_l2@1", ["attack.split=test"]),
+    ("cert/error_pct_l2@1", ["attack.split=test"]),
+])
+def test_an_objective_read_from_the_test_set_is_refused_while_there_is_a_validation_split(objective, settings):
+    cfg = compose_config(f"objectives=[{objective}]", "attack=ddn", *settings)
+    assert reads_test_set(objective, cfg)
+    with pytest.raises(ConfigError, match=f"objectives='{objective}'.*validation split"):
+        validate(cfg)
+    # without a validation split the test set is all there is: the original protocol, allowed
+    validate(compose_config(f"objectives=[{objective}]", "attack=ddn", "dataset.val_size=0", *settings))
+
+
+def test_validation_objectives_and_data_free_figures_are_allowed():
+    cfg = compose_config("attack=ddn", "attack.split=val")
+    for key in ("val/error_pct", "best/val_error_pct", "attack/best/error_pct_l2@1", "cert/error_pct_l2@1",
+                "weights/layer_norm_product", "train/loss"):
+        assert not reads_test_set(key, cfg), key
+    assert list(compose_config().objectives) == ["val/error_pct"]  # the default reads validation only
+
+
+def test_attacking_the_validation_split_needs_one():
+    with pytest.raises(ConfigError, match="attack.split='val'.*dataset.val_size=0"):
+        validate(compose_config("attack.split=val", "dataset.val_size=0"))
 
 
 # --- the study's sweep files ---------------------------------------------------------------------
@@ -75,7 +105,8 @@ def test_each_family_has_a_study_file_searching_its_multipliers_in_log_scale(fam
         assert key.startswith("reg.")
         cfg_at_low = compose_with_hydra(f"{key}={dist.low}", config_dir=SWEEPS, config_name=f"study_{family}")
         validate(cfg_at_low)
-    assert list(cfg.hydra.sweeper.reseed) == [1, 2]
+    assert list(cfg.hydra.sweeper.reseed) == []  # seeds come once a configuration is chosen (study_final)
+    assert cfg.attack.split == "val" and not any(reads_test_set(key, cfg) for key in cfg.objectives)
     if family == "gloro":
         assert cfg.hydra.runtime.choices.model == "cnn_4c3f"  # certified training needs no BatchNorm
 

@@ -17,8 +17,8 @@ from hydra import compose, initialize_config_dir
 
 from tulip.bench.attacks import cpu_name
 from tulip.config_files import config_dir
-from tulip.data import load_dataset
-from tulip.evaluate.measures import class_balanced_subset, measure
+from tulip.data import class_balanced_subset, load_dataset
+from tulip.evaluate.measures import measure
 from tulip.train.loss import build_loss
 from tulip.build import build_model
 from tulip.train.loop import train_one_epoch

@@ -6,7 +6,10 @@ returns is handed to training, which calls it on the best checkpoint, and to ``m
 
     evaluation(model, data, folder, tracker) -> {"attack/...", "bounds/...", "nn/...": float}
 
-It evaluates the first ``attack.n`` test images (all when null):
+It evaluates the first ``attack.n`` images (all when null) of the split ``attack.split``: the test set,
+or the validation split for a sweep whose objectives are robust errors (the choice of a configuration
+must not read the test set). ``attack/split`` records which. Every error rate carries its Wilson 95 %
+interval over those images (``ci95_low/<key>``, ``ci95_high/<key>``).
 
 - every attack of ``attack.methods`` (the ``attack=[ddn,pgd_l2]`` group) and the per-image best over
   them; per-image distances go to attacks.csv and to W&B as one table. Distances are 0 for an image
@@ -29,12 +32,13 @@ from omegaconf import DictConfig
 
 from tulip.evaluate import bounds, neighbours
 from tulip.evaluate.bounds import LowerBoundSearch
+from tulip.evaluate.measures import error_intervals
 
 from tulip.runs import metric_keys
 from tulip.config import AttackKeys, ConfigError, EvalKeys
 from tulip.data import Data
 from tulip.nn.lipschitz import last_layer, layer_norm_bound, layer_norm_estimate
-from tulip.runs.metric_keys import NORMS
+from tulip.runs.metric_keys import NORMS, parse_robust_error
 from tulip.nn.perturbations import frozen_eval
 from tulip.runs.folder import RunFolder
 from tulip.schema import check_node, source_key
@@ -59,14 +63,17 @@ class TableLogger(Protocol):
 
 @dataclass(frozen=True)
 class AttackSettings:
-    """The settings every attack shares (``attack.n``, ``attack.batch_size``, ``attack.epsilons``)."""
-    n: int | None  # the first n test images; None: all
+    """The settings every attack shares (``attack.split``, ``attack.n``, ``attack.batch_size``,
+    ``attack.epsilons``)."""
+    split: str  # "test" or "val": the images attacked
+    n: int | None  # the first n images of the split; None: all
     batch_size: int  # images per attack call
     epsilons: dict[str, list[float]]  # norm -> budgets of the robust-error curve
 
 
 def _attack_settings(spec: DictConfig) -> AttackSettings:
-    return AttackSettings(spec.n, spec.batch_size, {norm: [float(e) for e in spec.epsilons[norm]] for norm in NORMS})
+    return AttackSettings(spec.split, spec.n, spec.batch_size,
+                          {norm: [float(e) for e in spec.epsilons[norm]] for norm in NORMS})
 
 
 def _build_attacks(methods: DictConfig) -> dict[str, Attack]:
@@ -248,8 +255,12 @@ class Evaluation:
                  tracker: TableLogger | None = None) -> dict[str, float]:
         """Evaluate `model` (its mode and requires_grad are restored afterwards); {} if nothing is on."""
         metrics: dict[str, float] = {}
-        n = len(data.test_y) if self.settings.n is None else min(self.settings.n, len(data.test_y))
-        x, y = data.test_x[:n], data.test_y[:n]
+        x, y = data.split(self.settings.split)
+        if len(y) == 0:
+            raise ConfigError("attack.split", self.settings.split, "a split with images: test, as this dataset "
+                              "has no validation split (dataset.val_size=0)")
+        n = len(y) if self.settings.n is None else min(self.settings.n, len(y))
+        x, y = x[:n], y[:n]
         with frozen_eval(model):
             if self.attacks or self.bounds:
                 images = {"index": list(range(n)), "label": y.tolist(),
@@ -275,6 +286,10 @@ class Evaluation:
                 started = time.perf_counter()
                 metrics.update(evaluate_neighbours(data, folder))
                 metrics[metric_keys.NN_TIME] = time.perf_counter() - started
+        rates = [key for key in metrics if key == metric_keys.ATTACKED_CLEAN_ERROR or parse_robust_error(key)]
+        metrics.update(error_intervals(metrics, n, rates))
+        if self.attacks or self.bounds:
+            metrics[metric_keys.ATTACKED_SPLIT] = self.settings.split  # text: which images, not a number
         return metrics
 
 
@@ -284,7 +299,7 @@ def build_evaluation(cfg: DictConfig) -> Evaluation:
 
     Cheap (no data, no model): called before training.
     """
-    shared = {"n", "batch_size", "epsilons", "methods"}
+    shared = {"split", "n", "batch_size", "epsilons", "methods"}
     unknown = sorted(set(cfg.attack) - shared)
     if unknown:
         raise ConfigError(f"attack.{unknown[0]}", cfg.attack[unknown[0]],

@@ -15,7 +15,7 @@
 
 During training (`tulip.train.loop`) the test error and loss are measured on the whole test set every
 epoch (one forward pass), the rest every `eval.every` epochs on `eval.n` test images
-(`class_balanced_subset`: the same images every epoch), since they cost C + 1 backward passes per
+(the same class-balanced images every epoch), since they cost C + 1 backward passes per
 image, and without the guaranteed layer bound (25 s per call for a ResNet-18 on 2 CPU cores; its
 estimate takes 2 s); after the last epoch everything is measured once more on the whole test set, with
 the bound, for the summary.
@@ -25,6 +25,8 @@ the losses holds exactly the per-sample gradients (the original code differentia
 which scales every gradient by 1/batch).
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -33,6 +35,7 @@ from tulip.runs import metric_keys
 from tulip.nn.lipschitz import layer_norm_bound, layer_norm_estimate
 from tulip.nn.models import Classifier, eval_mode, linearized
 from tulip.nn.perturbations import input_grad
+from tulip.stats import error_interval
 
 
 def _input_grads(x: torch.Tensor, outputs: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -53,24 +56,10 @@ def linearized_matrix(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.stack(rows).flatten(1)
 
 
-def class_balanced_subset(y: torch.Tensor, n: int | None, seed: int = 0) -> torch.Tensor | None:
-    """Indices (sorted) of n images of labels y with as equal a share of each class as y allows, the
-    same for every epoch and every run with the same `seed`; None for all of them (n None or >= len)."""
-    if n is None or n >= len(y):
-        return None
-    labels = y.cpu()
-    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
-    rank = torch.empty(len(labels), dtype=torch.long)  # an image's place among its class, in `order`
-    for c in labels.unique():
-        members = order[labels[order] == c]
-        rank[members] = torch.arange(len(members))
-    by_rank = order[torch.argsort(rank[order], stable=True)]  # every class's first, then second, ...
-    return by_rank[:n].sort().values.to(y.device)
-
-
 @torch.no_grad()
-def test_error_and_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> dict[str, float]:
-    """Test error and mean cross-entropy on (x, y): one forward pass, no gradients."""
+def error_and_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int,
+                   split: str = "test") -> dict[str, float]:
+    """Error and mean cross-entropy on (x, y), the images of `split`: one forward pass, no gradients."""
     # summed on the device, read once: no wait for the device per batch
     loss_sum = torch.zeros((), dtype=torch.float64, device=x.device)
     wrong = torch.zeros((), dtype=torch.long, device=x.device)
@@ -80,7 +69,8 @@ def test_error_and_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batc
             yb = y[start:start + batch_size]
             loss_sum += F.cross_entropy(logits, yb, reduction="sum").double()
             wrong += (logits.argmax(1) != yb).sum()
-    return {metric_keys.TEST_ERROR: 100.0 * wrong.item() / len(x), metric_keys.TEST_LOSS: loss_sum.item() / len(x)}
+    return {metric_keys.error_key(split): 100.0 * wrong.item() / len(x),
+            metric_keys.loss_key(split): loss_sum.item() / len(x)}
 
 
 @torch.no_grad()
@@ -123,7 +113,7 @@ def measure(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int,
             guaranteed_bound: bool = True) -> dict[str, float]:
     """Test error and loss on all of (x, y); the Lipschitz figures too (`lipschitz`), on the images
     `lipschitz_images` (indices; None: all of them), with the guaranteed layer bound (`guaranteed_bound`)."""
-    metrics = test_error_and_loss(model, x, y, batch_size)
+    metrics = error_and_loss(model, x, y, batch_size)
     if isinstance(model, Classifier) and model.tanh_scale is not None:
         metrics[metric_keys.TANH_SCALE] = model.tanh_scale.item()
     if lipschitz:
@@ -131,3 +121,17 @@ def measure(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int,
             x, y = x[lipschitz_images], y[lipschitz_images]
         metrics.update(lipschitz_figures(model, x, y, batch_size, guaranteed_bound))
     return metrics
+
+
+def error_intervals(metrics: dict[str, float], images: int, keys) -> dict[str, float]:
+    """The Wilson 95 % interval (tulip.stats) of each error rate `keys` names, each over the same
+    `images` images: {ci95_low/<key>: %, ci95_high/<key>: %}. Rates that are not finite get none."""
+    intervals = {}
+    for key in keys:
+        rate = metrics.get(key)
+        if rate is None or not math.isfinite(rate):
+            continue
+        # the rate is a count of images over `images`, written as a percentage
+        low, high = error_interval(round(rate * images / 100.0), images)
+        intervals.update(zip(metric_keys.interval_keys(key), (low, high)))
+    return intervals

@@ -106,7 +106,7 @@ def print_table(title: str, metrics: dict) -> None:
     width = max(len(key) for key in metrics)
     print(f"| {title:<{width}} | value |\n|{'-' * (width + 2)}|-------|")
     for key, value in metrics.items():
-        print(f"| {key:<{width}} | {value:.6g} |")
+        print(f"| {key:<{width}} | {value if isinstance(value, str) else format(value, '.6g')} |")
 
 
 def evaluate_run(cfg: DictConfig, evaluation: Evaluation, context: RunContext | None = None) -> dict[str, float]:

@@ -6,11 +6,12 @@ from pathlib import Path
 import pandas as pd
 
 from tulip.runs.status import UNREADABLE
+from tulip.report.compare import compare, write_comparisons
+from tulip.report.markdown import write_markdown
 from tulip.report.pareto import front_axes, recorded_objectives, write_fronts
 from tulip.report.plots import make_figures, scatter_curve
 from tulip.report.runs import normalise, read_runs, read_sweep, sweep_text
-from tulip.report.tables import (RunTable, aggregate, read_report_csv, select_metrics, swept_keys, write_csv,
-                                 write_markdown)
+from tulip.report.tables import RunTable, aggregate, fmt, read_report_csv, select_metrics, swept_keys, write_csv
 
 DEFAULT_BY = "regularizer"
 
@@ -47,6 +48,12 @@ def parse_args(argv):
                              "report.md section; X and Y are summary.json keys, both minimised (default: "
                              "the first two of the runs' config `objectives`). Put a bare --front after "
                              "the folders")
+    parser.add_argument("--compare", nargs=2, action="append", default=[], metavar=("A", "B"),
+                        help="paired comparison of two configurations on the same test images, seed by "
+                             "seed: effect B − A with a bootstrap 95 %% interval, exact McNemar test, "
+                             "Holm-adjusted over all measures and pairs; printed, in compare.csv and in "
+                             "report.md. A and B: a --by value (none, lip) or key=value[,key=value] "
+                             "filters on override keys; repeatable")
     args = parser.parse_args(argv)
     if args.front and "," not in args.front:
         # `tulip-report --front multirun/study` would take the folder for the axes: say so.
@@ -54,6 +61,8 @@ def parse_args(argv):
                      f"default axes put --front after the folders")
     if bool(args.inputs) == bool(args.from_csv):
         parser.error("give run folders or --from-csv CSV (one of the two)")
+    if args.compare and args.from_csv:
+        parser.error("--compare pairs the runs' per-image files: give run folders, not --from-csv")
     return args
 
 
@@ -92,6 +101,11 @@ def main(argv=None) -> int:
         scatter = scatter_curve(table.metrics, args.epsilon)
         if args.front is not None:  # checked before anything is written
             front = front_axes(args.front, recorded_objectives([run.config for run in placed]), table.metrics)
+        if args.compare:
+            # a key a configuration does not set (None) is left out of its name
+            labels = [", ".join(f"{k}={fmt(row[k])}" for k in keys if row[k] is not None) or "all runs"
+                      for row in configurations.to_dict("records")]
+            compared = compare(args.compare, by, labels, [[placed[i] for i in rows] for rows in members])
     except ValueError as error:
         print(f"tulip-report: {error}", file=sys.stderr)
         return 2
@@ -117,6 +131,11 @@ def main(argv=None) -> int:
             report_md.write("\n".join(section) + "\n")
         for line in printed:
             print(f"tulip-report: {line}")
+    if args.compare:
+        section, printed = write_comparisons(out, *compared)
+        with (out / "report.md").open("a") as report_md:
+            report_md.write("\n".join(section) + "\n")
+        print("\n".join(["tulip-report: paired comparisons (also compare.csv, report.md):"] + printed))
     readable = sum(run.status != UNREADABLE for run in runs)
     print(f"tulip-report: {readable}/{len(runs)} runs read, {len(configurations)} configurations -> "
           f"{out / 'report.md'}, report.csv, runs.csv, {len(plots)} figures (PDF and PNG)")

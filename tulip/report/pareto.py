@@ -25,9 +25,10 @@ import pandas as pd
 
 from tulip.runs import metric_keys
 from tulip.runs.status import Status
+from tulip.report.markdown import markdown_table
 from tulip.report.plots import AXIS_LABELS, new_figure, norm_label, panel_title, save, spread
 from tulip.report.style import series_style, styled
-from tulip.report.tables import fmt, fmt_csv, fmt_stats, markdown_table, stats
+from tulip.report.tables import fmt, fmt_csv, fmt_stats, stats
 
 ALL = "all"  # the front across every family
 OPTION = "--front X,Y"  # named in every error, so that the message says what to type

@@ -1,10 +1,11 @@
-"""The runs as a tidy table (runs.csv), their configurations aggregated over seeds with pandas
-(report.csv), and report.md.
+"""The runs as a tidy table (runs.csv) and their configurations aggregated over seeds with pandas
+(report.csv); report.md is tulip.report.markdown.
 
 A configuration is one combination of the swept keys' values. Its row holds, for every metric, the mean
-and sample standard deviation (ddof=1) over its finished runs and how many of them have the metric; a
-metric that some run recorded as non-finite (summary.json stores null) makes the mean and std NaN
-instead of silently leaving them to the finite runs.
+and sample standard deviation (ddof=1) over its finished runs and how many of them have the metric, and
+for every error rate its 95 % interval (tulip.report.intervals); a metric that some run recorded as
+non-finite (summary.json stores null) makes the mean and std NaN instead of silently leaving them to
+the finite runs.
 """
 import csv
 import fnmatch
@@ -17,6 +18,7 @@ import pandas as pd
 
 from tulip.runs import metric_keys
 from tulip.runs.status import READ_STATUSES, Status
+from tulip.report.intervals import configuration_intervals, interval_columns, is_error_key, table_keys
 from tulip.report.runs import Run, normalise
 
 # Keys that never define a configuration: the seed is aggregated over, wandb.* only names the log,
@@ -95,7 +97,9 @@ def numeric_keys(runs: list[Run]) -> list[str]:
 
 def select_metrics(available: list[str], requested: list[str]) -> tuple[list[str], list[str]]:
     """Metric columns: the defaults, replaced by --metric KEY, extended by --metric +KEY (globs allowed).
-    Returns (columns, the requested patterns no run has)."""
+    Returns (columns, the requested patterns no run has). The `ci95_*` interval keys are never columns:
+    they are the error columns' intervals."""
+    available = table_keys(available)
     replacing = [m for m in requested if not m.startswith("+")]
     patterns = (replacing or list(DEFAULT_METRICS)) + [m[1:] for m in requested if m.startswith("+")]
     chosen, unmatched = [], []
@@ -199,8 +203,9 @@ def swept_keys(table: RunTable, by: str | None) -> list[str]:
 def aggregate(table: RunTable, keys: list[str], metrics: list[str], order=()) -> tuple[pd.DataFrame, list]:
     """The configurations of `keys`, one row each in table order (the grouping key's values in
     `value_order(..., order)`, the other keys by value), with report.csv's columns: the keys, `seeds`
-    (finished runs), `n_<status>`, `status`, and per metric `<m>`, `<m>_std`, `<m>_n` (runs that have it).
-    Also returns, per row, the positions in `table` of its runs."""
+    (finished runs), `n_<status>`, `status`, and per metric `<m>`, `<m>_std`, `<m>_n` (runs that have it),
+    and per error metric `<m>_ci_low`, `<m>_ci_high` (tulip.report.intervals). Also returns, per row,
+    the positions in `table` of its runs."""
     frame = table.frame.reset_index(drop=True)
     present = table.present.reset_index(drop=True)
     configs = list(dict.fromkeys(frame[keys].itertuples(index=False, name=None)))
@@ -222,6 +227,7 @@ def aggregate(table: RunTable, keys: list[str], metrics: list[str], order=()) ->
     counts = has.groupby(groups).sum().reindex(index=every, columns=metrics, fill_value=0)
     nulls = (has & values.isna()).groupby(groups).sum().reindex(index=every, columns=metrics, fill_value=0)
     mean, std = mean.mask(nulls > 0), std.mask(nulls > 0)
+    intervals = configuration_intervals(frame.loc[finished], present.loc[finished], groups, len(configs), metrics)
 
     statuses = list(dict.fromkeys(list(READ_STATUSES) + list(frame["status"])))
     by_status = pd.crosstab(config, frame["status"]).reindex(index=every, columns=statuses, fill_value=0)
@@ -232,6 +238,7 @@ def aggregate(table: RunTable, keys: list[str], metrics: list[str], order=()) ->
     for metric in metrics:
         parts.append(pd.DataFrame({metric: mean[metric].to_numpy(), f"{metric}_std": std[metric].to_numpy(),
                                    f"{metric}_n": counts[metric].to_numpy()}))
+        parts += [pd.DataFrame({c: intervals[c] for c in interval_columns(metric) if c in intervals})]
     grouped = pd.concat(parts, axis=1)
     members = [list(frame.index[config == i]) for i in range(len(configs))]
     return grouped, members
@@ -257,6 +264,8 @@ def read_report_csv(path: Path, order=()) -> tuple[pd.DataFrame, list[str], list
     for metric in metrics:
         columns[metric] = pd.to_numeric(text[metric], errors="coerce")
         columns[f"{metric}_std"] = pd.to_numeric(text[f"{metric}_std"], errors="coerce")
+        for interval in (c for c in interval_columns(metric) if c in names):  # not metrics: no `_std` of theirs
+            columns[interval] = pd.to_numeric(text[interval], errors="coerce")
         # `<m>_n` is written only where it differs from `seeds`
         columns[f"{metric}_n"] = (text[f"{metric}_n"].astype(int) if f"{metric}_n" in names
                                   else table["seeds"].where(text[metric] != "", 0))
@@ -301,13 +310,15 @@ def status_text(counts: dict) -> str:
 
 
 def write_csv(path: Path, table: pd.DataFrame, keys: list[str], metrics: list[str]):
-    """report.csv: the keys, seeds, n_<status>, status, then `<m>` and `<m>_std` per metric, and `<m>_n`
-    only where some configuration lacks the metric in some finished run."""
+    """report.csv: the keys, seeds, n_<status>, status, then `<m>` and `<m>_std` per metric, `<m>_ci_low`
+    and `<m>_ci_high` per error metric (empty where there is no interval), and `<m>_n` only where some
+    configuration lacks the metric in some finished run."""
     statuses = [c for c in table.columns if c.startswith("n_")]
     header = keys + ["seeds"] + statuses + ["status"]
     for metric in metrics:
         partial = ((table[f"{metric}_n"] != 0) & (table[f"{metric}_n"] != table["seeds"])).any()
-        header += [metric, f"{metric}_std"] + ([f"{metric}_n"] if partial else [])
+        intervals = list(interval_columns(metric)) if is_error_key(metric) else []
+        header += [metric, f"{metric}_std"] + intervals + ([f"{metric}_n"] if partial else [])
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(header)
@@ -316,85 +327,8 @@ def write_csv(path: Path, table: pd.DataFrame, keys: list[str], metrics: list[st
             for metric in metrics:
                 mean, std, count = stats(row, metric)
                 cells += [fmt_csv(mean) if count else "", fmt_csv(std) if count > 1 else ""]
+                cells += [fmt_csv(row[c]) if c in row and not pd.isna(row[c]) else ""
+                          for c in interval_columns(metric) if c in header]
                 cells += [count] if f"{metric}_n" in header else []
             writer.writerow(cells)
 
-
-# ---------------------------------------------------------------------------------------------------
-# report.md
-
-
-def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
-    def cell(text) -> str:  # an error message may hold '|' or line breaks, which would end the row
-        return " ".join(str(text).split()).replace("|", "\\|")
-
-    lines = ["| " + " | ".join(map(cell, header)) + " |", "|" + "---|" * len(header)]
-    return lines + ["| " + " | ".join(map(cell, row)) + " |" for row in rows]
-
-
-def write_markdown(path: Path, inputs, keys, runs, table: pd.DataFrame, metrics, plots, messages, sweep,
-                   notes=()):
-    counts = {s: sum(run.status == s for run in runs) for s in dict.fromkeys(run.status for run in runs)}
-    common = sorted({f"{k}={fmt(v)}" for run in runs for k, v in run.overrides.items()
-                     if k not in keys and is_configuration_key(k)})
-    lines = ["# Tulip report", ""]
-    lines += [f"Inputs: {', '.join(f'`{p}`' for p in inputs)}. {len(runs)} runs: {status_text(counts)}."]
-    if sweep:
-        lines += ["", f"Sweep (multirun.yaml): `{' '.join(sweep)}`"]
-    if common:
-        lines += ["", "Common overrides: " + " ".join(f"`{c}`" for c in common)]
-    lines += ["", "Each row is one configuration; values are the mean ± sample standard deviation over its "
-              "finished runs (`seeds` of them; `n=` where a metric is missing in some; `nan` where some run "
-              "recorded a non-finite value, which summary.json stores as null). "
-              "All columns and full precision: `report.csv`; one row per run: `runs.csv`.", ""]
-
-    robust = {m: parsed for m in metrics if (parsed := metric_keys.parse_robust_error(m))}
-    results = [m for m in metrics if m not in robust]
-    # The results table, then one robust-error table per curve with the ε values as columns.
-    tables = [("## Results", [(f"`{m}`", m) for m in results], True)]
-    curves = {parsed.stem: parsed.attack for parsed in robust.values()}  # in the order of the columns
-    for curve, attack in curves.items():
-        columns = [(f"ε={parsed.eps}", m) for m, parsed in robust.items() if parsed.stem == curve]
-        kind = "certified error (%): certified radius ≤ ε" if attack == "certified" else "robust error (%)"
-        tables.append((f"## `{curve}@ε`: {kind}", columns, False))
-    records = table.to_dict("records")
-    for title, columns, with_status in tables:
-        if not columns:
-            continue
-        header = keys + ["seeds"] + [label for label, _ in columns] + (["status"] if with_status else [])
-        rows = []
-        for row in records:
-            seeds = int(row["seeds"])
-            cells = [fmt(row[k]) for k in keys] + [str(seeds)]
-            cells += [fmt_stats(*stats(row, m), seeds) for _, m in columns]
-            rows.append(cells + ([row["status"]] if with_status else []))
-        lines += [title, ""] + markdown_table(header, rows) + [""]
-
-    problems = [run for run in runs if run.status != Status.FINISHED]
-    lines += ["## Failed, diverged and unreadable runs", ""]
-    if problems:
-        rows = [[f"`{run.path}`", run.status, fmt(run.value(SEED)),
-                 ", ".join(f"{k}={fmt(run.value(k))}" for k in keys), run.problem or problem_detail(run)]
-                for run in problems]
-        lines += markdown_table(["run", "status", "seed", "configuration", "detail"], rows)
-    else:
-        lines += ["None: every run finished."]
-    if messages:
-        lines += ["", "Messages:", ""] + [f"- {m}" for m in messages]
-
-    lines += ["", "## Plots", ""]
-    for caption, file in plots:
-        pdf = file.name[:-len(".png")] + ".pdf"
-        lines += [f"**{caption}** (also `{pdf}`)", "", f"![{caption}]({file.name})", ""]
-    if not plots:
-        lines += ["No plots: no finished run with the metrics they need."]
-    if notes:
-        lines += ([] if lines[-1] == "" else [""]) + ["Left out of the figures:", ""]
-        lines += [f"- {note}" for note in notes]
-    path.write_text("\n".join(lines) + "\n")
-
-
-def problem_detail(run: Run) -> str:
-    """What summary.json says about a failed/diverged run (epoch, error message)."""
-    fields = (metric_keys.EPOCH, "step", "error", "reason")
-    return ", ".join(f"{k}={run.summary[k]}" for k in fields if k in run.summary)

@@ -35,9 +35,16 @@ from pathlib import Path
 from typing import Callable, IO
 
 import torch
+from tulip.runs import metric_keys
 from tulip.runs.targets import upgrade_checkpoint
 
 log = logging.getLogger(__name__)
+
+
+def _rate_key(key: str) -> str:
+    """The error rate an interval key belongs to (it goes with its family); any other key as it is."""
+    interval = metric_keys.interval_of(key)
+    return key if interval is None else interval[1]
 
 
 class RunFolderError(RuntimeError):
@@ -222,7 +229,8 @@ class RunFolder:
         """
         summary = {}
         if merge and self.summary_file.is_file():
-            summary = {k: v for k, v in read_json(self.summary_file).items() if not k.startswith(drop_prefixes)}
+            summary = {k: v for k, v in read_json(self.summary_file).items()
+                       if not _rate_key(k).startswith(drop_prefixes)}
         summary.update(finite_or_none(values))
         text = json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n"
         write_text_atomic(text, self.summary_file)

@@ -5,7 +5,9 @@ The keys are the names of the per-epoch rows of metrics.jsonl, of summary.json a
     epoch, lr                               the epoch (W&B's x-axis) and the learning rate it trained with
     train/loss, train/error_pct             training-set averages of the epoch
     train/penalty_<name>                    each active penalty's term in the loss (its epoch average)
-    test/error_pct, test/loss               on the whole test set
+    val/error_pct, val/loss                 on the whole validation split (dataset.val_size images): what
+                                            selects the best epoch
+    test/error_pct, test/loss               on the whole test set (measured, never deciding)
     lipschitz/loss_grad_max, _mean          max / mean over test images of ‖∇ₓ loss_i‖₂
     lipschitz/jacobian_2inf                 max over test images of max_c ‖∇ₓ f_c(x)‖₂
     weights/product_2inf, _spectral         largest row norm / spectral norm of the linearized network
@@ -15,10 +17,17 @@ The keys are the names of the per-epoch rows of metrics.jsonl, of summary.json a
     weights/layer_norm_estimate             the same product of power-iteration estimates (per epoch)
     model/tanh_scale                        the bounded head's t (model.tanh=true only)
     time/epoch_s                            wall time of the epoch, measurements included
-    best/test_error_pct, best/epoch         the best epoch (summary.json only)
+    best/epoch, best/val_error_pct          the selected epoch: the lowest validation error (summary.json only)
+    best/test_error_pct                     the selected epoch's test error (the one to report)
+    test/lowest_error_pct                   the lowest test error of any epoch: optimistic, as the test set
+                                            chose it; it decides nothing
+    selection                               "val", or "test" when dataset.val_size=0 (the original protocol)
+    ci95_low/<key>, ci95_high/<key>         the Wilson 95 % interval of an error rate over its images
     attack/<name>/median_<norm>, mean_<norm>, failures, time_s, error_pct_<norm>@<eps>
     attack/best/...                         the per-image best over all attacks, in every attacked norm
-    attack/n, attack/clean_error_pct        how many test images the evaluation used, and their error
+    attack/n, attack/clean_error_pct        how many images the evaluation used, and their error
+    attack/split                            which split they come from: "test", or "val" (attack.split=val,
+                                            for a sweep's robust objectives); the bounds use the same images
     bounds/<stat>                           lower-bound estimates; bounds/certified_median: the global
                                             certificate m/(√2·K), kept to compare with cert/median_l2
     cert/median_l2, cert/error_pct_l2@<eps> the certificate (pairwise, GloRo's form) and its error curve
@@ -49,6 +58,8 @@ TRAIN_LOSS = "train/loss"
 TRAIN_ERROR = "train/error_pct"
 TEST_ERROR = "test/error_pct"
 TEST_LOSS = "test/loss"
+VAL_ERROR = "val/error_pct"
+VAL_LOSS = "val/loss"
 LOSS_GRAD_MAX = "lipschitz/loss_grad_max"
 LOSS_GRAD_MEAN = "lipschitz/loss_grad_mean"
 JACOBIAN_2INF = "lipschitz/jacobian_2inf"
@@ -67,7 +78,10 @@ ATTACK_TIME = "time/attacks_s"  # the final evaluation's parts (a re-evaluation 
 BOUNDS_TIME = "time/bounds_s"  # the lower bounds and the certificate
 NN_TIME = "time/nn_s"
 BEST_TEST_ERROR = "best/test_error_pct"
+BEST_VAL_ERROR = "best/val_error_pct"
 BEST_EPOCH = "best/epoch"
+LOWEST_TEST_ERROR = "test/lowest_error_pct"
+SELECTION = "selection"  # the split that chose the best epoch
 # The training job's W&B run (tulip.runs.tracking.Tracker.identity), in summary.json.
 WANDB_PREFIX = "wandb/"
 WANDB_RUN_ID = "wandb/run_id"
@@ -76,12 +90,13 @@ WANDB_RUN_NAME = "wandb/run_name"
 WANDB_GROUP = "wandb/group"
 
 # Families logged once per epoch (W&B plots them against `epoch`).
-EPOCH_PREFIXES = ("train/", "test/", "lipschitz/", "weights/", "model/", "time/")
+EPOCH_PREFIXES = ("train/", "val/", "test/", "lipschitz/", "weights/", "model/", "time/")
 # Families of the final evaluation; mode=evaluate replaces a family it recomputes.
 ATTACK_PREFIX, BOUNDS_PREFIX, CERT_PREFIX, NN_PREFIX = "attack/", "bounds/", "cert/", "nn/"
 
 ATTACKED_IMAGES = "attack/n"
 ATTACKED_CLEAN_ERROR = "attack/clean_error_pct"
+ATTACKED_SPLIT = "attack/split"
 BEST_ATTACK = "best"  # the attack name of the per-image best over all attacks
 
 BOUNDS_GRAD_NORM_MAX = "bounds/grad_norm_max"
@@ -105,6 +120,15 @@ LIPSCHITZ_UPPER_OVER_LOWER = "lipschitz/upper_over_lower"
 # What eval.bounds writes: mode=evaluate replaces these (the lipschitz/ keys one by one: that family
 # also holds per-epoch measurements).
 BOUNDS_FAMILIES = (BOUNDS_PREFIX, CERT_PREFIX, LIPSCHITZ_EMPIRICAL_MAX, LIPSCHITZ_UPPER_OVER_LOWER)
+
+
+def error_key(split: str) -> str:
+    """A split's error rate per epoch: ``val/error_pct`` or ``test/error_pct``."""
+    return f"{split}/error_pct"
+
+
+def loss_key(split: str) -> str:
+    return f"{split}/loss"
 
 
 def penalty(name: str) -> str:
@@ -264,11 +288,11 @@ def parse_robust_error(key: str) -> RobustErrorKey | None:
 # Every fixed key above that holds one number (not the prefixes, stems, tables or W&B names, nor epoch
 # and lr): what `objectives` may name besides the patterned keys.
 FIXED_KEYS = frozenset((
-    TRAIN_LOSS, TRAIN_ERROR, TEST_ERROR, TEST_LOSS,
+    TRAIN_LOSS, TRAIN_ERROR, TEST_ERROR, TEST_LOSS, VAL_ERROR, VAL_LOSS,
     LOSS_GRAD_MAX, LOSS_GRAD_MEAN, JACOBIAN_2INF,
     PRODUCT_2INF, PRODUCT_SPECTRAL, LAYER_NORM_PRODUCT, LAYER_NORM_ESTIMATE, TANH_SCALE,
     EPOCH_TIME, SETUP_TIME, TRAIN_TIME, FINAL_MEASURE_TIME, ATTACK_TIME, BOUNDS_TIME, NN_TIME,
-    BEST_TEST_ERROR, BEST_EPOCH,
+    BEST_TEST_ERROR, BEST_VAL_ERROR, BEST_EPOCH, LOWEST_TEST_ERROR,
     ATTACKED_IMAGES, ATTACKED_CLEAN_ERROR,
     BOUNDS_GRAD_NORM_MAX, BOUNDS_FIRST_ORDER_MEDIAN, BOUNDS_SECOND_ORDER_MEDIAN, BOUNDS_HESSIAN_NORM_MAX,
     BOUNDS_CERTIFIED_MEDIAN,

@@ -23,9 +23,11 @@ def counted(n: int, noun: str) -> str:
 def _outcome(summary: dict) -> str:
     status = summary.get(STATUS, "without a status")
     if summary.get(metric_keys.BEST_TEST_ERROR) is not None and status == Status.FINISHED:
+        chosen_on = summary.get(metric_keys.SELECTION, "test")  # runs from before the validation split: test
         return (f"{status}: test error {summary[metric_keys.BEST_TEST_ERROR]:.2f}% at epoch "
                 f"{summary.get(metric_keys.BEST_EPOCH)} of {summary.get(metric_keys.EPOCH)} "
-                f"(the best epoch, which the final evaluation used)")
+                f"(the best epoch on the {'validation' if chosen_on == 'val' else 'test'} set, which the "
+                f"final evaluation used)")
     if "error" in summary:
         return f"{status} at epoch {summary.get(metric_keys.EPOCH)}: {summary['error']}"
     return str(status)

@@ -1,4 +1,5 @@
-"""What run folders saved by earlier layouts spell differently: old `_target_` paths and checkpoint keys.
+"""What run folders saved by earlier versions spell differently: old `_target_` paths, checkpoint keys,
+and config keys added since, with the value those runs trained with.
 
 Every checkpoint (and a Hydra job's .hydra/config.yaml) holds the resolved config it was trained with,
 `_target_` paths included. The package was once flat (`tulip.models.CNNSmall`, `tulip.data.mnist5k`,
@@ -45,15 +46,36 @@ def upgrade_targets(config):
     return config
 
 
+# Config keys added after runs had been saved without them (dotted) -> the value those runs trained with:
+# a run from before the validation split trained on the whole training set and selected on the test set.
+ADDED_KEYS = {"precision": "fp32", "dataset.val_size": 0, "dataset.split_seed": 0}
+
+
+def with_added_keys(config: dict) -> dict:
+    """A copy of a saved config with every key of ADDED_KEYS it lacks, at the value it trained with."""
+    config = dict(config)
+    for dotted, value in ADDED_KEYS.items():
+        *parents, last = dotted.split(".")
+        node = config
+        for parent in parents:
+            if not isinstance(node.get(parent), dict):
+                break
+            node[parent] = node = dict(node[parent])
+        else:
+            node.setdefault(last, value)
+    return config
+
+
 # old checkpoint key -> today's: the training loss's state (its parts' kept state, e.g. GloRo's vectors)
 RENAMED_CHECKPOINT_KEYS = {"objective": "loss"}
 
 
 def upgrade_checkpoint(state: dict) -> dict:
-    """A loaded checkpoint with today's keys, its config's `_target_`s at their current paths."""
+    """A loaded checkpoint with today's keys, its config's `_target_`s at their current paths and the keys
+    added since at the values it trained with."""
     for old, new in RENAMED_CHECKPOINT_KEYS.items():
         if old in state and new not in state:
             state[new] = state.pop(old)
     if isinstance(state.get("config"), dict):
-        state["config"] = upgrade_targets(state["config"])
+        state["config"] = with_added_keys(upgrade_targets(state["config"]))
     return state

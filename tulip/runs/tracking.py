@@ -119,8 +119,9 @@ class Tracker:
         for prefix in metric_keys.EPOCH_PREFIXES:
             run.define_metric(f"{prefix}*", step_metric=metric_keys.EPOCH)
         run.define_metric(metric_keys.LR, step_metric=metric_keys.EPOCH)
-        # The W&B summary of test error keeps its best (min) and its final value.
-        run.define_metric(metric_keys.TEST_ERROR, step_metric=metric_keys.EPOCH, summary="min,last")
+        # The W&B summary of the validation and test errors keeps their lowest and their final value.
+        for key in (metric_keys.VAL_ERROR, metric_keys.TEST_ERROR):
+            run.define_metric(key, step_metric=metric_keys.EPOCH, summary="min,last")
         return run
 
     def _identity(self) -> dict[str, str]:
@@ -164,7 +165,7 @@ class Tracker:
         self._mirror(log_entries)
 
     def finish(self, summary: dict, failed: bool) -> None:
-        epoch_keys = {metric_keys.TEST_ERROR}  # their W&B summary is set by define_metric above
+        epoch_keys = {metric_keys.VAL_ERROR, metric_keys.TEST_ERROR}  # their W&B summary: define_metric above
         self._mirror(lambda: self.run.summary.update(
             {k: v for k, v in finite_or_none(summary).items() if k not in epoch_keys}))
         # finish() even after a failed log, as it closes the run's files; not when there is no run

@@ -4,9 +4,13 @@
 and resumes from `checkpoints/last.pt` when the folder holds one (its config must agree on
 `TRAINING_STATE`). `_train_epochs` loops over the epochs left: each a flat loop of steps (the step's
 device setup decided once by tulip.train.step: precision, channels_last, compile) followed by the
-test-set measurements of tulip.evaluate.measures and the checkpoints. `_finish` puts the best checkpoint
-through the final evaluation it was handed (tulip.evaluate.final, built before training). summary.json
-is written, whatever happened.
+measurements of tulip.evaluate.measures and the checkpoints. `_finish` puts the best checkpoint through
+the final evaluation it was handed (tulip.evaluate.final, built before training). summary.json is
+written, whatever happened.
+
+The best checkpoint is the epoch with the lowest validation error. The test set is measured every epoch
+for the curves, and decides nothing: with `dataset.val_size=0` (no validation split) the choice falls
+back to the test set, as the original protocol did, and the run says so (a warning, `selection: test`).
 """
 import contextlib
 import logging
@@ -23,9 +27,9 @@ from tqdm import tqdm
 
 from tulip.runs import metric_keys
 from tulip.config import TRAINING_STATE, ConfigError, resolve_device
-from tulip.data import Data, check_batch_fits, load_dataset
+from tulip.data import Data, check_batch_fits, class_balanced_subset, load_dataset
 from tulip.nn.lipschitz import layer_norm_bound
-from tulip.evaluate.measures import class_balanced_subset, measure
+from tulip.evaluate.measures import error_and_loss, error_intervals, measure
 from tulip.train.loss import TrainingLoss, build_loss
 from tulip.build import build_model
 from tulip.runs.folder import RunFolder, RunFolderError
@@ -39,8 +43,6 @@ FinalEvaluation = Callable[[torch.nn.Module, Data, RunFolder, Tracker], dict]
 
 log = logging.getLogger(__name__)
 
-# Training-state keys added after runs had been saved without them, with the value those runs trained with.
-SAVED_BEFORE_THE_KEY = {"precision": "fp32"}
 # What a rerun in a finished run's folder must match, besides the training state, to be skipped: the
 # final evaluation's settings (a changed attack or eval section re-runs the final evaluation).
 FINAL_EVALUATION_SETTINGS = ("attack", "eval", "test_batch_size")
@@ -55,7 +57,7 @@ class Diverged(Exception):
 @dataclass
 class TrainState:
     epoch: int = 0  # epochs completed
-    best_error: float = math.inf
+    best_error: float = math.inf  # the selection split's error at best_epoch
     best_epoch: int = 0
     history: list = field(default_factory=list)  # one metrics dict per completed epoch
 
@@ -153,6 +155,11 @@ class Training:
     finished: dict | None = None  # the metrics of this very run, when the folder holds it finished
 
     @property
+    def selection(self) -> str:
+        """The split that chooses the best epoch: "val", or "test" without a validation split."""
+        return "val" if len(self.data.val_y) else "test"
+
+    @property
     def lipschitz_images(self) -> torch.Tensor | None:
         """The per-epoch Lipschitz figures' test images: fixed (seed 0, its own generator), so runs of
         every seed measure the same ones."""
@@ -171,6 +178,9 @@ def _start_or_resume(cfg: DictConfig, folder: RunFolder) -> Training:
     scheduler = _build(cfg.scheduler, "scheduler", optimizer)
     run = Training(cfg, OmegaConf.to_container(cfg, resolve=True), device, data, model, loss_fn, optimizer,
                    scheduler)
+    if run.selection == "test":
+        log.warning("dataset.val_size=0: no validation split, so the best epoch is chosen on the test set "
+                    "(the original protocol); its test error is then an optimistic estimate")
     folder.path.mkdir(parents=True, exist_ok=True)
     if folder.checkpoint("last").exists():
         _resume(run, folder)
@@ -181,7 +191,7 @@ def _resume(run: Training, folder: RunFolder) -> None:
     """Load the last checkpoint into `run` (its config must agree on the training state); mark the run
     finished when the folder already holds it finished with the same final-evaluation settings."""
     saved = _checkpoint_to_resume(folder, run.device)
-    saved_config = {**SAVED_BEFORE_THE_KEY, **saved["config"]}
+    saved_config = saved["config"]  # keys added since are filled in (tulip.runs.targets)
     changed = _differing_keys(_selected(saved_config, TRAINING_STATE), _selected(run.config, TRAINING_STATE))
     if changed:
         raise ConfigError(f"{folder.path} holds a checkpoint of a run with a different config "
@@ -205,12 +215,14 @@ def _resume(run: Training, folder: RunFolder) -> None:
 
 
 def _train_epochs(run: Training, setup: StepSetup, folder: RunFolder, tracker: Tracker) -> None:
-    """The epochs after the last completed one: each trains, measures on the test set, saves last.pt
-    (and best.pt at a new lowest test error), appends its row to metrics.jsonl and logs it. Raises
-    Diverged at a NaN/Inf loss."""
+    """The epochs after the last completed one: each trains, measures on the validation and test sets,
+    saves last.pt (and best.pt at a new lowest error of the selection split), appends its row to
+    metrics.jsonl and logs it. Raises Diverged at a NaN/Inf loss."""
     cfg, state = run.cfg, run.state
     progress = sys.stderr.isatty()
     lipschitz_images = run.lipschitz_images
+    criterion = metric_keys.error_key(run.selection)
+    val_x, val_y = run.data.split("val")
     for epoch in range(state.epoch + 1, cfg.epochs + 1):
         started = time.perf_counter()
         metrics = {metric_keys.EPOCH: epoch, metric_keys.LR: run.optimizer.param_groups[0]["lr"]}
@@ -224,17 +236,21 @@ def _train_epochs(run: Training, setup: StepSetup, folder: RunFolder, tracker: T
         metrics.update(measure(run.model, run.data.test_x, run.data.test_y, cfg.test_batch_size, lipschitz_images,
                                lipschitz=epoch % cfg.eval.every == 0 or epoch == cfg.epochs,
                                guaranteed_bound=False))
+        if len(val_y):
+            metrics.update(error_and_loss(run.model, val_x, val_y, cfg.test_batch_size, "val"))
         metrics[metric_keys.EPOCH_TIME] = time.perf_counter() - started
         state.epoch = epoch
         state.history.append(metrics)
-        if metrics[metric_keys.TEST_ERROR] < state.best_error:
-            state.best_error, state.best_epoch = metrics[metric_keys.TEST_ERROR], epoch
+        if metrics[criterion] < state.best_error:
+            state.best_error, state.best_epoch = metrics[criterion], epoch
         _save_checkpoints(run, folder)
         folder.append_metrics(metrics)
         tracker.log(metrics)
         grad_max = metrics.get(metric_keys.LOSS_GRAD_MAX)  # absent between eval.every epochs
-        log.info("epoch %d/%d  train err %.2f%%  test err %.2f%%  loss grad max %s  %.1fs",
-                 epoch, cfg.epochs, metrics[metric_keys.TRAIN_ERROR], metrics[metric_keys.TEST_ERROR],
+        val_error = metrics.get(metric_keys.VAL_ERROR)
+        log.info("epoch %d/%d  train err %.2f%%  val err %s  test err %.2f%%  loss grad max %s  %.1fs",
+                 epoch, cfg.epochs, metrics[metric_keys.TRAIN_ERROR],
+                 "-" if val_error is None else f"{val_error:.2f}%", metrics[metric_keys.TEST_ERROR],
                  "-" if grad_max is None else f"{grad_max:.3g}", metrics[metric_keys.EPOCH_TIME])
 
 
@@ -267,10 +283,25 @@ def _finish(run: Training, folder: RunFolder, tracker: Tracker, evaluate: FinalE
     run.model.load_state_dict(folder.load_checkpoint("best", run.device)["model"])
     run.model.eval()
     final.update(evaluate(run.model, run.data, folder, tracker))
+    final.update(_selected_epoch(run))
+    for split in ("val", "test"):
+        keys = [key for key in final if key.startswith(f"{split}/") or key == f"best/{split}_error_pct"]
+        final.update(error_intervals(final, len(run.data.split(split)[1]), [k for k in keys if "error_pct" in k]))
     summary.update(final)
-    summary.update({STATUS: Status.FINISHED, "epoch": run.state.epoch,
-                    metric_keys.BEST_TEST_ERROR: run.state.best_error, metric_keys.BEST_EPOCH: run.state.best_epoch})
+    summary.update({STATUS: Status.FINISHED, "epoch": run.state.epoch, metric_keys.SELECTION: run.selection})
     return final
+
+
+def _selected_epoch(run: Training) -> dict[str, float]:
+    """The best epoch, its errors, and the lowest test error of any epoch (optimistic: for comparison with
+    papers that select on the test set, never for a choice)."""
+    state = run.state
+    chosen = state.history[state.best_epoch - 1]
+    figures = {metric_keys.BEST_EPOCH: state.best_epoch, metric_keys.BEST_TEST_ERROR: chosen[metric_keys.TEST_ERROR],
+               metric_keys.LOWEST_TEST_ERROR: min(row[metric_keys.TEST_ERROR] for row in state.history)}
+    if metric_keys.VAL_ERROR in chosen:
+        figures[metric_keys.BEST_VAL_ERROR] = chosen[metric_keys.VAL_ERROR]
+    return figures
 
 
 def train(cfg: DictConfig, folder: RunFolder, context: RunContext, evaluate: FinalEvaluation) -> dict:
