@@ -130,11 +130,11 @@ def test_table_equals_the_runs_summaries(multirun, made):
             assert_matches(row[f"{key}_std"], values.std(ddof=1), key)
     assert all(rows[0][key] == "" for key in metrics)  # reg.lip=-1: no finished run, no numbers
 
-    # report.md shows the same numbers, rounded, as mean ± std.
+    # report.md shows the same numbers, rounded: an error rate as its mean and 95 % interval over seeds
     markdown = (out / "report.md").read_text()
     for row in rows[1:]:
-        mean, std = float(row["test/error_pct"]), float(row["test/error_pct_std"])
-        assert f"| lip | {row['reg.lip']} | 2 | {mean:.4g} ± {std:.2g} |" in markdown
+        mean, low, high = (float(row[f"test/error_pct{suffix}"]) for suffix in ("", "_ci_low", "_ci_high"))
+        assert f"| lip | {row['reg.lip']} | 2 | {mean:.2f} [{low:.2f}, {high:.2f}] |" in markdown
 
 
 @pytest.mark.slow  # the fixture trains a real sweep

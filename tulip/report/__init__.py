@@ -6,6 +6,7 @@
     tulip-report --from-csv report/report.csv --order none,lip # redraw the figures from a table
     tulip-report multirun/study --front                       # Pareto fronts of multi-objective studies
     tulip-report multirun/... --compare none lip              # a paired comparison of two configurations
+    tulip-report --markdown report.csv --column test/error_pct # one markdown table of a CSV, for the docs
     python -m tulip.report multirun/... --metric +train/loss   # the same, as a module
 
 Reads every run folder found below the inputs (a folder holding summary.json or .hydra/overrides.yaml):
@@ -49,6 +50,7 @@ The package, one job per module (none imports a later one):
   plots.py      the figures
   pareto.py     the Pareto fronts (--front): non-dominated configurations, their figure and table
   compare.py    the paired comparisons (--compare): compare.csv and report.md's section
+  doc_tables.py a CSV as one markdown table (--markdown), the docs' generated tables and their check
   cli.py        the command line (`main`)
 """
 

@@ -7,6 +7,7 @@ import pandas as pd
 
 from tulip.runs.status import UNREADABLE
 from tulip.report.compare import compare, write_comparisons
+from tulip.report.doc_tables import DEFAULT_FORMAT, add_table_arguments, print_table
 from tulip.report.markdown import write_markdown
 from tulip.report.pareto import front_axes, recorded_objectives, write_fronts
 from tulip.report.plots import make_figures, scatter_curve
@@ -20,7 +21,8 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(
         prog="tulip-report",
         description="Tables (report.md, report.csv, runs.csv) and figures (PDF and PNG) from Tulip run "
-                    "folders or a multirun folder.")
+                    "folders or a multirun folder; with --markdown CSV, one markdown table of a CSV for the "
+                    "docs, printed.")
     parser.add_argument("inputs", nargs="*", type=Path,
                         help="multirun folders (numbered job folders) and/or run folders; searched "
                              "recursively")
@@ -29,14 +31,17 @@ def parse_args(argv):
     parser.add_argument("--by", default=None, metavar="KEY",
                         help="grouping key (override, config group or config key): the table's first "
                              f"column and one plot line per value (default: {DEFAULT_BY}, the "
-                             "regularizer choice, when the runs record it)")
+                             "regularizer choice, when the runs record it); with --markdown, the CSV "
+                             "column(s) whose values each make one row, mean ± std over their rows")
     parser.add_argument("--metric", action="append", default=[], metavar="KEY",
                         help="summary.json key (glob allowed, e.g. 'attack/*/median_*') for the table; "
                              "KEY replaces the default columns, +KEY adds to them; repeatable")
     parser.add_argument("--order", default=None, metavar="V1,V2,...",
                         type=lambda text: [normalise(v) for v in text.split(",") if v],
                         help="the --by key's values in this order in the tables and legends (default: "
-                             "the order the multirun.yaml files sweep them in; `none` always first)")
+                             "the order the multirun.yaml files sweep them in; `none` always first); with "
+                             "--markdown, the rows with these values of --by (else of the first column) "
+                             "first, in this order")
     parser.add_argument("--epsilon", type=float, default=None, metavar="EPS",
                         help="the ε of the clean-vs-robust scatter (default: the median ε of the curve)")
     parser.add_argument("--from-csv", type=Path, default=None, metavar="CSV",
@@ -54,13 +59,29 @@ def parse_args(argv):
                              "Holm-adjusted over all measures and pairs; printed, in compare.csv and in "
                              "report.md. A and B: a --by value (none, lip) or key=value[,key=value] "
                              "filters on override keys; repeatable")
+    add_table_arguments(parser)
     args = parser.parse_args(argv)
+    if args.markdown:
+        # a third mode: it reads one CSV and prints; nothing of the other two applies
+        given = [option for option, value in (("folders", args.inputs), ("--from-csv", args.from_csv),
+                                             ("--out", args.out), ("--metric", args.metric),
+                                             ("--epsilon", args.epsilon), ("--front", args.front),
+                                             ("--compare", args.compare)) if value not in (None, [])]
+        if given:
+            parser.error(f"{', '.join(given)}: not with --markdown, which prints one table of a CSV")
+        return args
+    markdown_only = [option for option, value in (("--column", args.column), ("--where", args.where))
+                     if value] + [option for option, value, default in (("--spread", args.spread, "std"),
+                                                        ("--format", args.format, DEFAULT_FORMAT))
+                                  if value != default]
+    if markdown_only:
+        parser.error(f"{', '.join(markdown_only)}: options of --markdown CSV")
     if args.front and "," not in args.front:
         # `tulip-report --front multirun/study` would take the folder for the axes: say so.
         parser.error(f"--front {args.front}: X,Y are two summary.json keys separated by a comma; for the "
                      f"default axes put --front after the folders")
     if bool(args.inputs) == bool(args.from_csv):
-        parser.error("give run folders or --from-csv CSV (one of the two)")
+        parser.error("give run folders, --from-csv CSV or --markdown CSV (one of the three)")
     if args.compare and args.from_csv:
         parser.error("--compare pairs the runs' per-image files: give run folders, not --from-csv")
     return args
@@ -68,6 +89,8 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.markdown:
+        return print_table(args)
     if args.from_csv:
         return replot(args)
     out = args.out or args.inputs[0]

@@ -27,7 +27,9 @@ NOT_CONFIGURATION = ("seed", "wandb.*", "hydra.*", "hydra/*")
 BASELINE = "none"  # the value that is no method at all (regularizer=none): first in tables and legends
 ATTACK_ERRORS, CERTIFIED_ERRORS, LEGACY_CERTIFIED_ERRORS = metric_keys.ROBUST_ERROR_GLOBS
 DEFAULT_METRICS = (
+    metric_keys.VAL_ERROR,
     metric_keys.TEST_ERROR,
+    metric_keys.BEST_VAL_ERROR,
     metric_keys.BEST_TEST_ERROR,
     metric_keys.LOSS_GRAD_MAX,
     metric_keys.LOSS_GRAD_MEAN,
