@@ -110,6 +110,26 @@ def paired_bootstrap(wrong_a, wrong_b, resamples: int = 10_000, seed: int = 0,
     return effect, 100.0 * float(low), 100.0 * float(high)
 
 
+def paired_ratio(values_a, values_b, confidence: float = CONFIDENCE) -> tuple[float, float, float, float]:
+    """(ratio, low, high, p): how many times B's positive figure is A's, paired by seed.
+
+    A Student-t test on the paired differences of the logarithms (scipy.stats.ttest_1samp): the ratio is
+    the geometric mean of B/A over the pairs, its interval the t interval of the mean log ratio taken back
+    with exp, p the two-sided p-value of "B/A = 1". For figures that vary by factors, such as Lipschitz
+    constants, whose spread grows with their size. Fewer than 2 pairs, or a figure ≤ 0: all NaN.
+    """
+    a, b = np.asarray(values_a, dtype=float), np.asarray(values_b, dtype=float)
+    if a.shape != b.shape or a.size < 2 or not (np.all(a > 0) and np.all(b > 0)):
+        return (float("nan"),) * 4
+    log_ratios = np.log(b) - np.log(a)
+    if np.ptp(log_ratios) < 1e-12:  # no spread but rounding: the ratio is exact, the t test undefined
+        ratio = float(np.exp(log_ratios.mean()))
+        return ratio, ratio, ratio, float("nan")
+    test = _scipy.ttest_1samp(log_ratios, 0.0)
+    low, high = test.confidence_interval(confidence)
+    return float(np.exp(log_ratios.mean())), float(np.exp(low)), float(np.exp(high)), float(test.pvalue)
+
+
 def holm(p_values) -> list[float]:
     """Holm–Bonferroni adjusted p-values, in the order given: [0.01, 0.04, 0.03, 0.005] →
     [0.03, 0.06, 0.06, 0.02].

@@ -11,7 +11,7 @@ import pytest
 
 from support.fake_runs import write_per_image, write_run
 from tulip import report
-from tulip.stats import holm, mcnemar_exact, paired_bootstrap
+from tulip.stats import holm, mcnemar_exact, paired_bootstrap, paired_ratio
 
 IMAGES = 300
 EPSILONS = (0.5, 1.0)
@@ -51,9 +51,10 @@ MEASURES = (["attack/clean_error_pct"] + [f"attack/{a}/error_pct_l2@{e:g}" for a
             + [f"cert/error_pct_l2@{e:g}" for e in EPSILONS])
 
 
-def write_job(folder: Path, method: str, seed: int, split: str | None = "test", overrides=()) -> Path:
+def write_job(folder: Path, method: str, seed: int, split: str | None = "test", overrides=(),
+              figures: dict | None = None) -> Path:
     results = per_image(method, seed)
-    summary = {m: 100.0 * wrong_by_hand(results, m).mean() for m in MEASURES}
+    summary = {m: 100.0 * wrong_by_hand(results, m).mean() for m in MEASURES} | (figures or {})
     summary["test/error_pct"] = summary["attack/clean_error_pct"]
     if split is not None:
         summary["attack/split"] = split
@@ -128,6 +129,28 @@ def test_the_comparison_is_what_tulip_stats_gives_on_the_arrays(tmp_path, capsys
     markdown = (out / "report.md").read_text()
     assert "## Paired comparisons" in markdown and f"| {effect} |" in markdown
     assert "| no measurable difference |" in markdown
+
+
+def test_whole_run_figures_are_compared_as_ratios_paired_by_seed(tmp_path):
+    """A Lipschitz estimate of each run: B / A over the seed pairs (tulip.stats.paired_ratio), in the same
+    Holm adjustment as the error rates."""
+    estimates = {"none": [10.0, 12.0, 11.0], "lip": [3.0, 4.0, 3.3]}
+    for number, (method, seed) in enumerate((m, s) for m in estimates for s in range(3)):
+        write_job(tmp_path / "sweep" / str(number), method, seed,
+                  figures={"lipschitz/loss_grad_max": estimates[method][seed]})
+    out = tmp_path / "out"
+    assert report.main([str(tmp_path / "sweep"), "--out", str(out), "--compare", "none", "lip"]) == 0
+    [row] = read_csv(out / "compare_figures.csv")
+    ratio, low, high, p_value = paired_ratio(estimates["none"], estimates["lip"])
+    assert row["measure"] == "lipschitz/loss_grad_max" and row["seed_pairs"] == "3"
+    assert [float(row[k]) for k in ("ratio", "ratio_ci_low", "ratio_ci_high", "p_paired_t")] == pytest.approx(
+        [ratio, low, high, p_value], rel=1e-12)
+    assert float(row["a_mean"]) == pytest.approx(float(np.exp(np.log(estimates["none"]).mean())))
+    assert float(row["ratio_ci_high"]) < 1 and row["verdict"] == "B lower"
+    error_rows = read_csv(out / "compare.csv")
+    adjusted = holm([float(r["p_mcnemar"]) for r in error_rows] + [p_value])
+    assert float(row["p_holm"]) == pytest.approx(adjusted[-1], rel=1e-12)
+    assert "B / A [95 % interval]" in (out / "report.md").read_text()
 
 
 def test_key_value_filters_choose_among_configurations(tmp_path, capsys):

@@ -3,6 +3,7 @@ test, Holm's adjustment; the paired bootstrap against what it must give on array
 import math
 
 import numpy as np
+import scipy.stats
 import pytest
 
 from tulip.stats import error_interval, holm, mcnemar_exact, paired_bootstrap, seed_interval
@@ -105,3 +106,18 @@ def test_holm_on_a_textbook_example():
     adjusted = holm([0.02, float("nan"), 0.04])
     assert adjusted[0] == pytest.approx(0.04) and math.isnan(adjusted[1]) and adjusted[2] == pytest.approx(0.04)
     assert holm([]) == []
+
+
+def test_paired_ratio_is_the_geometric_mean_ratio_with_a_t_interval_on_the_logs():
+    from tulip.stats import paired_ratio
+    a = np.array([1.0, 2.0, 4.0])
+    log_ratios = np.array([0.1, 0.2, 0.3])  # mean 0.2, sample std 0.1: t(0.975, 2) = 4.3027
+    ratio, low, high, p = paired_ratio(a, a * np.exp(log_ratios))
+    half_width = 4.302652729911275 * 0.1 / np.sqrt(3)
+    assert ratio == pytest.approx(np.exp(0.2))
+    assert (low, high) == pytest.approx((np.exp(0.2 - half_width), np.exp(0.2 + half_width)))
+    assert p == pytest.approx(2 * scipy.stats.t.sf(0.2 / (0.1 / np.sqrt(3)), 2))
+    # an exact ratio has no spread to test; one pair or a non-positive figure gives nothing
+    assert paired_ratio(a, 2 * a)[:3] == pytest.approx((2.0, 2.0, 2.0)) and np.isnan(paired_ratio(a, 2 * a)[3])
+    assert all(np.isnan(paired_ratio([1.0], [2.0])))
+    assert all(np.isnan(paired_ratio([1.0, 0.0], [2.0, 1.0])))

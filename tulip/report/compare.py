@@ -13,6 +13,10 @@ two boolean (seed pairs × images) arrays, and from them (tulip.stats):
 - the Holm-adjusted p-value, over every measure of every comparison of the command.
 A row's verdict is "no measurable difference" unless the interval excludes 0 and the adjusted p-value is
 below 0.05; then "B lower" or "B higher".
+
+Figures of a whole run (the Lipschitz estimates and bounds of FIGURES, from summary.json) are compared
+seed by seed as a ratio B/A: its t interval and p-value on the paired log ratios (tulip.stats.paired_ratio),
+Holm-adjusted together with the rows above; compare_figures.csv.
 """
 import csv
 import re
@@ -27,7 +31,7 @@ from tulip.runs.status import Status
 from tulip.report.markdown import markdown_table
 from tulip.report.runs import Run, normalise, read_columns
 from tulip.report.tables import SEED, fmt, fmt_csv
-from tulip.stats import holm, mcnemar_exact, paired_bootstrap
+from tulip.stats import holm, mcnemar_exact, paired_bootstrap, paired_ratio
 
 ALPHA = 0.05
 NO_DIFFERENCE = "no measurable difference"
@@ -36,6 +40,12 @@ ATTACKS, BOUNDS = "attacks", "bounds"
 CSV_COLUMNS = ["comparison", "a", "b", "a_configuration", "b_configuration", "measure", "a_error_pct",
                "b_error_pct", "effect_pct", "effect_ci_low", "effect_ci_high", "only_a", "only_b",
                "p_mcnemar", "p_holm", "images", "seed_pairs", "seeds", "verdict"]
+# Figures of a whole run compared as ratios: the Lipschitz estimates and the guaranteed bounds
+FIGURES = (metric_keys.LOSS_GRAD_MAX, metric_keys.JACOBIAN_2INF, metric_keys.LIPSCHITZ_EMPIRICAL_MAX,
+           metric_keys.LAYER_NORM_PRODUCT, metric_keys.CERT_LIPSCHITZ_UPPER)
+FIGURE_COLUMNS = ["comparison", "a", "b", "a_configuration", "b_configuration", "measure", "a_mean", "b_mean",
+                  "ratio", "ratio_ci_low", "ratio_ci_high", "p_paired_t", "p_holm", "seed_pairs", "seeds",
+                  "verdict"]
 # `key=value,key=value`: split at the commas that start another `key=`, so a value may hold commas
 _NEXT_FILTER = re.compile(r",(?=[+~]*[\w./@-]+=)")
 
@@ -71,6 +81,43 @@ class Row:
     seed_pairs: int
     seeds: str
     verdict: str = ""
+
+
+@dataclass
+class FigureRow:
+    """One figure of a whole run compared as B/A over the seed pairs: compare_figures.csv's row."""
+    comparison: int
+    a: str
+    b: str
+    a_configuration: str
+    b_configuration: str
+    measure: str
+    a_mean: float  # geometric means over the seeds
+    b_mean: float
+    ratio: float
+    ratio_ci_low: float
+    ratio_ci_high: float
+    p_paired_t: float
+    p_holm: float
+    seed_pairs: int
+    seeds: str
+    verdict: str = ""
+
+
+def figure_rows(number: int, texts: tuple[str, str], configuration_labels: tuple[str, str],
+                pairs: list[tuple], seeds: str) -> list[FigureRow]:
+    """The FIGURES every paired run recorded, each as B/A over the seed pairs."""
+    rows = []
+    for key in FIGURES:
+        values = [[run.summary.get(key) for run in (run_a, run_b)] for _, run_a, run_b in pairs]
+        if not all(isinstance(v, (int, float)) and np.isfinite(v) for pair in values for v in pair):
+            continue
+        a, b = np.array(values, dtype=float).T
+        ratio, low, high, p_value = paired_ratio(a, b)
+        geometric = [float(np.exp(np.log(v).mean())) if np.all(v > 0) else float("nan") for v in (a, b)]
+        rows.append(FigureRow(number, *texts, *configuration_labels, key, *geometric, ratio, low, high,
+                              p_value, float("nan"), len(pairs), seeds))
+    return rows
 
 
 # --- which runs -----------------------------------------------------------------------------------
@@ -214,11 +261,12 @@ def wrong(table: PerImage, measure: Measure, where: np.ndarray) -> np.ndarray:
 # --- the comparison ------------------------------------------------------------------------------
 
 def compare(selections: list[tuple[str, str]], by: str | None, labels: list[str],
-            configurations: list[list[Run]], resamples: int = 10_000) -> tuple[list[Row], list[str]]:
-    """Every comparison of `selections` [(A, B)]: its rows (Holm-adjusted over all of them, with their
-    verdicts) and notes on what was left out. `configurations` holds each configuration's runs, `labels`
+            configurations: list[list[Run]], resamples: int = 10_000
+            ) -> tuple[list[Row], list[FigureRow], list[str]]:
+    """Every comparison of `selections` [(A, B)]: its rows of error rates and of whole-run figures
+    (Holm-adjusted over all of them, with their verdicts) and notes on what was left out. `configurations` holds each configuration's runs, `labels`
     its `key=value` text. ValueError, naming the selection, run or file, for what cannot be compared."""
-    rows, notes = [], []
+    rows, figures, notes = [], [], []
     for number, (text_a, text_b) in enumerate(selections, 1):
         chosen_a, chosen_b = (select(text, by, labels, configurations) for text in (text_a, text_b))
         if chosen_a == chosen_b:
@@ -249,17 +297,24 @@ def compare(selections: list[tuple[str, str]], by: str | None, labels: list[str]
             rows.append(Row(number, text_a, text_b, labels[chosen_a], labels[chosen_b], measure.key,
                             100.0 * wrong_a.mean(), 100.0 * wrong_b.mean(), effect, low, high, only_a, only_b,
                             p_value, float("nan"), int(common.size), len(pairs), seeds))
-    for row, adjusted in zip(rows, holm([row.p_mcnemar for row in rows])):
-        row.p_holm = adjusted
+        figures += figure_rows(number, (text_a, text_b), (labels[chosen_a], labels[chosen_b]), pairs, seeds)
+    adjusted = holm([row.p_mcnemar for row in rows] + [row.p_paired_t for row in figures])
+    for row, p_holm in zip(rows + figures, adjusted):
+        row.p_holm = p_holm
         row.verdict = verdict(row)
-    return rows, notes
+    return rows, figures, notes
 
 
-def verdict(row: Row) -> str:
-    """B lower / B higher only when both the interval excludes 0 and the adjusted p-value is below α."""
-    if row.effect_ci_low <= 0.0 <= row.effect_ci_high or not row.p_holm < ALPHA:
+def verdict(row: Row | FigureRow) -> str:
+    """B lower / B higher only when both the interval excludes no change (0 points; a ratio of 1) and the
+    adjusted p-value is below α."""
+    if isinstance(row, FigureRow):
+        no_change, effect, low, high = 1.0, row.ratio, row.ratio_ci_low, row.ratio_ci_high
+    else:
+        no_change, effect, low, high = 0.0, row.effect_pct, row.effect_ci_low, row.effect_ci_high
+    if not low > no_change and not high < no_change or not row.p_holm < ALPHA:
         return NO_DIFFERENCE
-    return "B lower" if row.effect_pct < 0 else "B higher"
+    return "B lower" if effect < no_change else "B higher"
 
 
 # --- the output ----------------------------------------------------------------------------------
@@ -272,8 +327,10 @@ EXPLANATION = ("Each comparison pairs A's and B's runs by seed and their images 
                "resamples images and seed pairs; McNemar's exact test on the (seed, image) pairs that only "
                "one of A and B gets wrong (`only A`, `only B`), pooled over the seed pairs; its p-value "
                "Holm-adjusted over every row of every comparison. Verdict: \"no measurable difference\" "
-               "when the interval contains 0 or the adjusted p is at least 0.05. Full precision: "
-               "`compare.csv`.")
+               "when the interval contains 0 or the adjusted p is at least 0.05. Figures of a whole run "
+               "(Lipschitz estimates and bounds): geometric means over the seeds, B / A with the t "
+               "interval of the paired log ratios and its p-value, in the same Holm adjustment. Full "
+               "precision: `compare.csv`, `compare_figures.csv`.")
 
 
 def cells(row: Row) -> list[str]:
@@ -293,17 +350,37 @@ def text_table(rows: list[list[str]]) -> list[str]:
     return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
 
 
-def write_comparisons(out: Path, rows: list[Row], notes: list[str]) -> tuple[list[str], list[str]]:
-    """compare.csv, and (the "Paired comparisons" section of report.md, the lines to print)."""
-    with (out / "compare.csv").open("w", newline="") as handle:
+FIGURE_HEADER = ["figure", "A", "B", "B / A [95 % interval]", "paired t p", "Holm p", "verdict"]
+
+
+def figure_cells(row: FigureRow) -> list[str]:
+    return [row.measure, f"{row.a_mean:.4g}", f"{row.b_mean:.4g}",
+            f"{row.ratio:.3g} [{row.ratio_ci_low:.3g}, {row.ratio_ci_high:.3g}]", f"{row.p_paired_t:.3g}",
+            f"{row.p_holm:.3g}", row.verdict]
+
+
+def write_csv_rows(path: Path, columns: list[str], rows: list) -> None:
+    with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(CSV_COLUMNS)
-        writer.writerows([fmt_csv(getattr(row, column)) for column in CSV_COLUMNS] for row in rows)
+        writer.writerow(columns)
+        writer.writerows([fmt_csv(getattr(row, column)) for column in columns] for row in rows)
+
+
+def write_comparisons(out: Path, rows: list[Row], figures: list[FigureRow],
+                      notes: list[str]) -> tuple[list[str], list[str]]:
+    """compare.csv and compare_figures.csv, and (the "Paired comparisons" section of report.md, the lines
+    to print)."""
+    write_csv_rows(out / "compare.csv", CSV_COLUMNS, rows)
+    write_csv_rows(out / "compare_figures.csv", FIGURE_COLUMNS, figures)
     section, printed = ["", "## Paired comparisons", "", EXPLANATION, ""], []
     for number in dict.fromkeys(row.comparison for row in rows):
         group = [row for row in rows if row.comparison == number]
         section += [f"**{heading(group)}**", ""] + markdown_table(HEADER, [cells(r) for r in group]) + [""]
         printed += ["", heading(group)] + text_table([HEADER] + [cells(r) for r in group])
+        whole_runs = [row for row in figures if row.comparison == number]
+        if whole_runs:  # geometric means over the seeds; B/A with the t interval of the paired log ratios
+            section += markdown_table(FIGURE_HEADER, [figure_cells(r) for r in whole_runs]) + [""]
+            printed += [""] + text_table([FIGURE_HEADER] + [figure_cells(r) for r in whole_runs])
     if notes:
         section += ["Left out of the comparisons:", ""] + [f"- {note}" for note in notes] + [""]
         printed += [""] + notes
