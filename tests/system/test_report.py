@@ -289,3 +289,34 @@ def test_every_report_option_the_docs_use_exists():
     assert {"--out", "--from-csv"} <= used
     missing = sorted(option for option in used if not re.search(rf"(^|\s){re.escape(option)}\b", help_text))
     assert not missing, missing
+
+
+@pytest.mark.slow  # trains a real 2-configuration x 3-seed sweep
+def test_a_real_two_by_three_sweep_gets_intervals_and_a_paired_comparison(tmp_path):
+    """The statistics on real runs: every error column of report.csv has its 95 % interval (t over the 3
+    seeds), and `--compare none lip` pairs the runs by seed and their attacked test digits by index."""
+    from support.jobs import TINY_JOB, output_of, run_tulip
+
+    sweep = tmp_path / "sweep"
+    result = run_tulip(["-m", *TINY_JOB, "wandb.mode=disabled", "regularizer=none,lip", "seed=0,1,2",
+                        "attack=ddn", "attack.n=60", "attack.methods.ddn.steps=10",
+                        f"hydra.sweep.dir={sweep}"], tmp_path, 600)
+    assert result.returncode == 0, output_of(result)
+    out = tmp_path / "report"
+    made = run_report(sweep, "--out", out, "--compare", "none", "lip")
+    assert made.returncode == 0, made.stderr
+    report_rows = read_csv(out / "report.csv")
+    assert len(report_rows) == 2 and all(row["seeds"] == "3" for row in report_rows)
+    errors = [key for key in report_rows[0] if "error_pct" in key and not key.endswith(("_std", "_ci_low", "_ci_high"))]
+    assert "test/error_pct" in errors and "attack/best/error_pct_l2@1" in errors
+    for row in report_rows:
+        for key in errors:
+            low, high = float(row[f"{key}_ci_low"]), float(row[f"{key}_ci_high"])
+            assert low <= float(row[key]) <= high, (row["regularizer"], key)
+    compared = read_csv(out / "compare.csv")
+    assert {row["measure"] for row in compared} >= {"attack/clean_error_pct", "attack/best/error_pct_l2@1"}
+    for row in compared:
+        assert (row["images"], row["seed_pairs"]) == ("60", "3")
+        assert float(row["effect_pct_ci_low"]) <= float(row["effect_pct"]) <= float(row["effect_pct_ci_high"])
+        assert 0 <= float(row["p_mcnemar"]) <= float(row["p_holm"]) <= 1
+    assert "B − A [95 % interval]" in made.stdout and "McNemar p" in made.stdout

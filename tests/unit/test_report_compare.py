@@ -100,8 +100,9 @@ def test_the_comparison_is_what_tulip_stats_gives_on_the_arrays(tmp_path, capsys
         assert float(row["a_error_pct"]) == pytest.approx(100 * wrong_a.mean(), abs=1e-12)
         assert float(row["b_error_pct"]) == pytest.approx(100 * wrong_b.mean(), abs=1e-12)
         assert float(row["effect_pct"]) == pytest.approx(effect, abs=1e-12)
-        assert (float(row["effect_ci_low"]), float(row["effect_ci_high"])) == pytest.approx((low, high), abs=1e-12)
-        assert float(row["effect_ci_low"]) <= float(row["effect_pct"]) <= float(row["effect_ci_high"])
+        interval = (float(row["effect_pct_ci_low"]), float(row["effect_pct_ci_high"]))
+        assert interval == pytest.approx((low, high), abs=1e-12)
+        assert float(row["effect_pct_ci_low"]) <= float(row["effect_pct"]) <= float(row["effect_pct_ci_high"])
         assert (int(row["only_a"]), int(row["only_b"])) == (only_a, only_b)
         assert float(row["p_mcnemar"]) == pytest.approx(p_value, rel=1e-12)
         assert (row["images"], row["seed_pairs"], row["seeds"]) == (str(IMAGES), "3", "0 1 2")
@@ -111,17 +112,17 @@ def test_the_comparison_is_what_tulip_stats_gives_on_the_arrays(tmp_path, capsys
 
     # none -> lip: a third of the errors: every measure significantly lower
     clear = [r for r in rows if r["comparison"] == "1"]
-    assert all(r["verdict"] == "B lower" and float(r["effect_ci_high"]) < 0 and float(r["p_holm"]) < 1e-6
+    assert all(r["verdict"] == "B lower" and float(r["effect_pct_ci_high"]) < 0 and float(r["p_holm"]) < 1e-6
                for r in clear), clear
     # none -> J2: the same results: no difference at all
     same = [r for r in rows if r["comparison"] == "2"]
     assert all(r["verdict"] == "no measurable difference" and float(r["effect_pct"]) == 0 and
-               (r["effect_ci_low"], r["effect_ci_high"], r["p_mcnemar"]) == ("0.0", "0.0", "1.0") for r in same)
+               (r["effect_pct_ci_low"], r["effect_pct_ci_high"], r["p_mcnemar"]) == ("0.0", "0.0", "1.0") for r in same)
 
     # The readable table: the effect with its interval, the verdict, the pairs used and the seed left out.
     first = clear[0]
-    effect = (f"{float(first['effect_pct']):+.2f} [{float(first['effect_ci_low']):+.2f}, "
-              f"{float(first['effect_ci_high']):+.2f}]")
+    effect = (f"{float(first['effect_pct']):+.2f} [{float(first['effect_pct_ci_low']):+.2f}, "
+              f"{float(first['effect_pct_ci_high']):+.2f}]")
     line = next(line for line in printed.splitlines() if line.startswith("attack/clean_error_pct") and effect in line)
     assert line.endswith("B lower") and f" {IMAGES} " in line
     assert "Comparison 1: A = regularizer=none, B = regularizer=lip; 3 seed pairs (seed 0 1 2)" in printed

@@ -1,5 +1,6 @@
 """hydra/sweeper=optuna without a sweep: the search-space grammar, the objectives and their checks, and
 the study's sweep files. The real studies are in tests/system/test_study.py."""
+import json
 import math
 
 import pytest
@@ -123,3 +124,55 @@ def test_paper_cifar10_study_is_the_paper_recipe_searched_on_slurm_gpu():
     space, _ = search_space(dict(cfg.hydra.sweeper.params), [])
     assert set(space) == {"reg.lip", "reg.J2"} and all(d.log for d in space.values())
     assert space["reg.lip"].low <= 7.8125e-4 <= space["reg.lip"].high  # the paper's own multiplier
+
+
+def test_the_final_study_file_judges_a_chosen_configuration_on_the_test_set_with_five_seeds():
+    cfg = compose_with_hydra("regularizer=J2", "reg.J2=1.5", config_dir=SWEEPS, config_name="study_final")
+    validate(cfg)
+    assert cfg.attack.split == "test" and cfg.attack.n is None  # all 1,000 test digits
+    assert list(cfg.objectives) == ["val/error_pct"]  # it chooses nothing
+    assert cfg.hydra.sweeper.params.seed == "0,1,2,3,4"
+    study = compose_with_hydra(config_dir=SWEEPS, config_name="study_J2")
+    for key in ("epochs", "batch_size", "dataset", "model", "optim", "scheduler", "eval"):
+        assert cfg[key] == study[key], key  # trained and measured as the search's trials were
+
+
+# --- the study's choices, from its committed results -----------------------------------------------
+
+RESULTS = SWEEPS / "results"
+CLEAN_BUDGET = 1.0  # points of validation error above `none`'s mean that a chosen configuration may cost
+
+
+def chosen_by_the_rule(search, baseline_val_errors) -> dict:
+    """docs/study.md's rule, on validation numbers only: per method, the trial with the lowest validation
+    robust error at L2 1 among those within CLEAN_BUDGET of `none`'s mean validation error; for gloro
+    (certified training) the lowest validation certified error at L2 0.3."""
+    budget = sum(baseline_val_errors) / len(baseline_val_errors) + CLEAN_BUDGET
+    chosen = {}
+    for method, trials in search.groupby("regularizer"):
+        if method == "gloro":
+            chosen[method] = trials.sort_values("cert/error_pct_l2@0.3", kind="stable").iloc[0]
+        else:
+            within = trials[trials["best/val_error_pct"] <= budget]
+            chosen[method] = within.sort_values("attack/best/error_pct_l2@1", kind="stable").iloc[0]
+    return chosen
+
+
+def test_the_study_chose_each_configuration_by_its_rule_on_validation_numbers():
+    import pandas as pd
+
+    search = pd.read_csv(RESULTS / "study_search_runs.csv")
+    final = pd.read_csv(RESULTS / "study_final_runs.csv")
+    # the search ran study_<method>.yaml (attack.split=val, tested above); the final runs chose on validation
+    # and were judged on the test set
+    for summary in (RESULTS / "study_runs").glob("*/*/summary.json"):
+        recorded = json.loads(summary.read_text())
+        assert (recorded["selection"], recorded["attack/split"]) == ("val", "test"), summary
+    baseline = final[final.regularizer == "none"]["best/val_error_pct"].tolist()
+    assert len(baseline) == 5
+    for method, trial in chosen_by_the_rule(search[search.status == "finished"], baseline).items():
+        runs = final[final.regularizer == method]
+        assert sorted(runs.seed) == [0, 1, 2, 3, 4], method
+        for key in (k for k in search.columns if k.startswith("reg.") and pd.notna(trial[k])):
+            if search.loc[search.regularizer == method, key].nunique() > 1:  # a searched multiplier
+                assert (runs[key] == trial[key]).all(), (method, key)

@@ -38,7 +38,7 @@ NO_DIFFERENCE = "no measurable difference"
 DEFAULT_SPLIT = "test"  # runs from before summary.json recorded `attack/split` attacked the test set
 ATTACKS, BOUNDS = "attacks", "bounds"
 CSV_COLUMNS = ["comparison", "a", "b", "a_configuration", "b_configuration", "measure", "a_error_pct",
-               "b_error_pct", "effect_pct", "effect_ci_low", "effect_ci_high", "only_a", "only_b",
+               "b_error_pct", "effect_pct", "effect_pct_ci_low", "effect_pct_ci_high", "only_a", "only_b",
                "p_mcnemar", "p_holm", "images", "seed_pairs", "seeds", "verdict"]
 # Figures of a whole run compared as ratios: the Lipschitz estimates and the guaranteed bounds
 FIGURES = (metric_keys.LOSS_GRAD_MAX, metric_keys.JACOBIAN_2INF, metric_keys.LIPSCHITZ_EMPIRICAL_MAX,
@@ -71,8 +71,8 @@ class Row:
     a_error_pct: float
     b_error_pct: float
     effect_pct: float
-    effect_ci_low: float
-    effect_ci_high: float
+    effect_pct_ci_low: float
+    effect_pct_ci_high: float
     only_a: int
     only_b: int
     p_mcnemar: float
@@ -264,8 +264,8 @@ def compare(selections: list[tuple[str, str]], by: str | None, labels: list[str]
             configurations: list[list[Run]], resamples: int = 10_000
             ) -> tuple[list[Row], list[FigureRow], list[str]]:
     """Every comparison of `selections` [(A, B)]: its rows of error rates and of whole-run figures
-    (Holm-adjusted over all of them, with their verdicts) and notes on what was left out. `configurations` holds each configuration's runs, `labels`
-    its `key=value` text. ValueError, naming the selection, run or file, for what cannot be compared."""
+    (Holm-adjusted over all of them, with their verdicts) and notes on what was left out.
+    `configurations` holds each configuration's runs, `labels` its `key=value` text. ValueError, naming the selection, run or file, for what cannot be compared."""
     rows, figures, notes = [], [], []
     for number, (text_a, text_b) in enumerate(selections, 1):
         chosen_a, chosen_b = (select(text, by, labels, configurations) for text in (text_a, text_b))
@@ -311,7 +311,7 @@ def verdict(row: Row | FigureRow) -> str:
     if isinstance(row, FigureRow):
         no_change, effect, low, high = 1.0, row.ratio, row.ratio_ci_low, row.ratio_ci_high
     else:
-        no_change, effect, low, high = 0.0, row.effect_pct, row.effect_ci_low, row.effect_ci_high
+        no_change, effect, low, high = 0.0, row.effect_pct, row.effect_pct_ci_low, row.effect_pct_ci_high
     if not low > no_change and not high < no_change or not row.p_holm < ALPHA:
         return NO_DIFFERENCE
     return "B lower" if effect < no_change else "B higher"
@@ -335,8 +335,8 @@ EXPLANATION = ("Each comparison pairs A's and B's runs by seed and their images 
 
 def cells(row: Row) -> list[str]:
     return [row.measure, str(row.images), f"{row.a_error_pct:.2f}", f"{row.b_error_pct:.2f}",
-            f"{row.effect_pct:+.2f} [{row.effect_ci_low:+.2f}, {row.effect_ci_high:+.2f}]", str(row.only_a),
-            str(row.only_b), f"{row.p_mcnemar:.3g}", f"{row.p_holm:.3g}", row.verdict]
+            f"{row.effect_pct:+.2f} [{row.effect_pct_ci_low:+.2f}, {row.effect_pct_ci_high:+.2f}]",
+            str(row.only_a), str(row.only_b), f"{row.p_mcnemar:.3g}", f"{row.p_holm:.3g}", row.verdict]
 
 
 def heading(group: list[Row]) -> str:
