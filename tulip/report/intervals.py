@@ -3,7 +3,7 @@
 An error column is a key with `error_pct` in it (test, validation and best-epoch error, robust and
 certified error at each ε, the attacked images' clean error). A configuration's interval is:
 - with 2 or more finished seeds that have the metric, the Student-t interval of the mean over seeds
-  (tulip.stats.seed_interval): how far the mean of another set of seeds may fall;
+  (tulip.stats.seed_interval), cut to [0, 100]: how far the mean of another set of seeds may fall;
 - with one, that run's own Wilson interval over its test images, which its summary.json carries as
   `ci95_low/<key>` and `ci95_high/<key>` (none in runs older than those keys: the interval is blank).
 The `ci95_*` keys stay in runs.csv, never columns of their own in report.csv or report.md.
@@ -51,7 +51,8 @@ def configuration_intervals(finished: pd.DataFrame, present: pd.DataFrame, group
             runs = has.index[has.to_numpy()]
             if len(runs) >= 2:
                 summary = seed_interval(finished.loc[runs, metric])
-                bounds[:, config] = summary.low, summary.high
+                # a rate lies in [0, 100] whatever the t interval of a few seeds reaches
+                bounds[:, config] = np.clip([summary.low, summary.high], 0.0, 100.0)
             elif len(runs) == 1 and len(wilson) == 2:
                 bounds[:, config] = [finished.at[runs[0], key] for key in wilson]
         columns.update(zip(interval_columns(metric), bounds))
