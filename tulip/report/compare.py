@@ -60,14 +60,19 @@ class Measure:
 
 
 @dataclass
-class Row:
-    """One measure of one comparison: compare.csv's row."""
+class Compared:
+    """What every row of a comparison starts with: which comparison, its two selections, what it measures."""
     comparison: int
     a: str
     b: str
     a_configuration: str
     b_configuration: str
     measure: str
+
+
+@dataclass
+class Row(Compared):
+    """One measure of one comparison: compare.csv's row."""
     a_error_pct: float
     b_error_pct: float
     effect_pct: float
@@ -84,14 +89,8 @@ class Row:
 
 
 @dataclass
-class FigureRow:
+class FigureRow(Compared):
     """One figure of a whole run compared as B/A over the seed pairs: compare_figures.csv's row."""
-    comparison: int
-    a: str
-    b: str
-    a_configuration: str
-    b_configuration: str
-    measure: str
     a_mean: float  # geometric means over the seeds
     b_mean: float
     ratio: float
