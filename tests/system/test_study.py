@@ -93,7 +93,7 @@ def test_a_study_proposes_the_same_trials_when_the_test_labels_are_permuted(tmp_
     """The objectives read the validation split (tests/support/study.py), so the sampler sees the same
     values and proposes the same trials whatever the test labels are (tests/support/permuted_test_labels.py)."""
     # TPE after 2 random trials: every later proposal moves with the values it was told
-    settings = ["hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=1", "epochs=3",
+    settings = ["hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=1", "epochs=2",
                 "hydra.sweeper.sampler._target_=optuna.samplers.TPESampler",
                 "~hydra.sweeper.sampler.population_size", "+hydra.sweeper.sampler.n_startup_trials=2"]
     studies = {}
