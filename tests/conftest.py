@@ -80,6 +80,8 @@ SHRINK = {
     "mlp": ["model.hidden=[32,16]"],
     "cnn_small": ["model.channels=[4,8]", "model.hidden=16"],
     "cnn_4c3f": ["model.channels=[4,8]", "model.hidden=16"],
+    "aol_4c3f": ["model.channels=[4,8]", "model.hidden=16"],
+    "sll": ["model.channels=[4,8]", "model.hidden=16", "model.blocks=1"],
     "allcnn": ["model.channels=[4,8]"],
     "resnet18": ["model.width=4", "model.blocks=[1,1,1,1]"],
     "wide_resnet": ["model.depth=10", "model.width=1"],

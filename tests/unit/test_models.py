@@ -7,7 +7,7 @@ from hydra.errors import InstantiationException
 from conftest import CONF_DIR, SHRINK, build_model_option, compose_config
 from tulip.nn.models import Classifier, Nonlinearity, linearized
 
-MODELS = ["mlp", "cnn_small", "cnn_4c3f", "allcnn", "resnet18", "wide_resnet", "resnext34_2x32"]
+MODELS = ["mlp", "cnn_small", "cnn_4c3f", "aol_4c3f", "sll", "allcnn", "resnet18", "wide_resnet", "resnext34_2x32"]
 SHAPES = {"mnist5k": (1, 28, 28, 10), "cifar": (3, 32, 32, 10)}
 
 
@@ -20,7 +20,7 @@ def test_every_model_option_is_shipped_with_target_and_tanh_off():
     assert sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml")) == sorted(MODELS)
     for name in MODELS:
         cfg = compose_config(f"model={name}", tiny=False)
-        assert cfg.model._target_.startswith("tulip.nn.models.")
+        assert cfg.model._target_.startswith(("tulip.nn.models.", "tulip.nn.one_lipschitz."))
         assert cfg.model.tanh is False
 
 

@@ -41,7 +41,7 @@ def small_cnn(num_classes=10, batch_norm=True):
 
 
 # Options that train through a certificate need a model without BatchNorm.
-CERTIFIED_TRAINING = {"gloro"}
+CERTIFIED_TRAINING = {"gloro", "gloro_trades", "margin"}
 
 
 def smooth_mlp(dtype=torch.float64):
@@ -310,8 +310,9 @@ def test_every_option_composes_and_trains_without_nan(name):
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert all(not torch.equal(a, b) for a, b in zip(start, model.parameters()))
     expected = {"train/penalty_decay"}
-    expected |= {f"train/penalty_{k}" for k in ("lip", "gradnorm", "gradnorm_fd", "trades", "gloro")
+    expected |= {f"train/penalty_{k}" for k in ("lip", "gradnorm", "gradnorm_fd", "trades", "gloro", "margin")
                  if k in name.split("+")}
+    expected |= {"train/penalty_gloro"} if name == "gloro_trades" else set()
     assert set(out.logs) == expected
 
 

@@ -132,8 +132,8 @@ def _trades(model, x, y, r):
 _GLORO_VECTORS = {}  # id(model) -> the power-iteration vectors, kept across steps as GloRo does
 
 
-def _gloro(model, x, y, r, warmup=100):
-    """GloRo's loss (Leino et al. 2021): CE on [f, f_⊥], K₋ a product of power-iteration norms."""
+def _body_lipschitz(model, x, warmup=100):
+    """(K₋, the last linear layer): K₋ a product of power-iteration norms of the layers before it."""
     layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     (*body, head), steps = layers, 1
 
@@ -156,12 +156,39 @@ def _gloro(model, x, y, r, warmup=100):
             z = v.detach().requires_grad_(True)
             v, = torch.autograd.grad(linear_part(layer, z), z, linear_part(layer, v / v.norm()).detach())
         vectors[i] = v / v.norm()
-    k = math.prod(linear_part(layer, v).norm() for layer, v in zip(body, vectors))
-    logits = model(x)
-    w, j = head.weight, logits.argmax(1)
+    return math.prod(linear_part(layer, v).norm() for layer, v in zip(body, vectors)), head
+
+
+def _first_radius(eps, r):
+    """The training radius of the first epoch: the warm-up's start, or its end without a warm-up."""
+    return eps * (r.radius_warmup.start if r.radius_warmup.until else r.radius_warmup.end)
+
+
+def _margins(model, x, r, eps, against):
+    """(logits, offsets (B, C)): radius·K₋·‖w_i − w_{against}‖ for every class i."""
+    k, head = _body_lipschitz(model, x)
+    logits, w = model(x), head.weight
     pairs = ((w[:, None] - w[None]).square().sum(-1) + 1e-12).sqrt()
-    bot = (logits + r.gloro * k * pairs[j]).masked_fill(F.one_hot(j, logits.shape[1]).bool(), -math.inf)
-    return F.cross_entropy(torch.cat([logits, bot.amax(1, keepdim=True)], 1), y)
+    return logits, _first_radius(eps, r) * k * pairs[against(logits)]
+
+
+def _gloro(model, x, y, r):
+    """GloRo's loss (Leino et al. 2021): CE on [f, f_⊥], or CE(f) + λ KL(softmax f ‖ softmax [f, f_⊥])."""
+    logits, offsets = _margins(model, x, r, r.gloro, lambda logits: logits.argmax(1))
+    j = logits.argmax(1)
+    bot = (logits + offsets).masked_fill(F.one_hot(j, logits.shape[1]).bool(), -math.inf).amax(1, keepdim=True)
+    augmented = torch.cat([logits, bot], 1)
+    if not r.gloro_trades:
+        return F.cross_entropy(augmented, y)
+    p = F.softmax(logits, 1)
+    kl = (p * (p.log() - F.log_softmax(augmented, 1)[:, :-1])).sum(1).mean()
+    return F.cross_entropy(logits, y) + r.gloro_trades * kl
+
+
+def _margin(model, x, y, r):
+    """Lipschitz-margin training (Tsuzuku et al. 2018): CE on f_i + ε K₋ ‖w_i − w_y‖ (i ≠ y)."""
+    logits, offsets = _margins(model, x, r, r.margin, lambda logits: y)
+    return F.cross_entropy(logits + offsets, y)
 
 
 # Each conf/regularizer option's twin, a loss of (model, x, y, its cfg.reg): an option without one is timed
@@ -182,6 +209,8 @@ HAND_WRITTEN = {
     "gradnorm_fd": _gradnorm_fd,
     "trades": _trades,
     "gloro": _gloro,
+    "gloro_trades": _gloro,
+    "margin": _margin,
 }
 
 

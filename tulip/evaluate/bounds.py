@@ -33,12 +33,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from tulip.nn.models import ReLU
+from tulip.nn.nonlinearities import MinMax, ReLU
 from tulip.nn.perturbations import l2_direction
 
 # Piecewise-linear modules: a network containing any of them has a Hessian that is zero almost
 # everywhere inside its linear regions, which says nothing about its curvature across the kinks.
-NON_SMOOTH_MODULES = (ReLU, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.Hardtanh, nn.Hardswish,
+NON_SMOOTH_MODULES = (ReLU, MinMax, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.Hardtanh, nn.Hardswish,
                       nn.Hardsigmoid, nn.ELU, nn.CELU, nn.SELU, nn.MaxPool1d, nn.MaxPool2d,
                       nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
 

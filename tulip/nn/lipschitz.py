@@ -168,7 +168,7 @@ def conv_norm_estimate(weight: torch.Tensor, shape, stride, padding, groups: int
 class NormMethod(NamedTuple):
     """How one product rates a layer: conv(weight, shape, stride, padding, groups) -> (norm, out shape)
     and matrix(weight) -> norm; float64: whether they get the folded weights in float64 (else in the
-    layer's own dtype)."""
+    layer's own dtype) and whether the figures are bounds by theorem (else estimates)."""
     conv: Callable
     matrix: Callable
     float64: bool
@@ -212,6 +212,11 @@ def _product(model: nn.Module, input_shape, norms: NormMethod) -> float:
 def _lipschitz(module: nn.Module, shape, norms: NormMethod):
     raise TypeError(f"the layer-norm product has no rule for {type(module).__name__}; build models from "
                     "the blocks in tulip.nn.models")
+
+
+# How a module that defines a layer adds its rule: @lipschitz_rule def _(layer: MyLayer, shape, norms): ...
+# (tulip.nn.one_lipschitz does, so that each of its layers and its bound are in one place).
+lipschitz_rule = _lipschitz.register
 
 
 @_lipschitz.register

@@ -4,7 +4,8 @@ Finlay, Oberman & Abbasi (arXiv 1810.00953) report, for every trained network, s
 *linearization* (every nonlinearity replaced by the identity, BatchNorm in eval mode) and of its layers'
 operator norms. Three design rules make that clean for every model here:
 
-* every nonlinearity is a ``Nonlinearity`` module (``ReLU``, ``ScaledTanh``), so ``linearized(model)``
+* every nonlinearity is a ``Nonlinearity`` module (``ReLU``, ``MinMax``, ``ScaledTanh``; the SLL layers'
+  inner ReLU too), so ``linearized(model)``
   can switch each one to its linearization without knowing the architecture;
 * no max-pooling: downsampling is a strided convolution or an average pool, both linear, so the
   linearized network is one well-defined affine map x -> M x + b;
@@ -27,38 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tulip.schema import Count, PositiveInts, Rule, Switch, check_init, integer_in, is_int, list_of
+from tulip.nn.nonlinearities import Nonlinearity, ReLU
+from tulip.schema import Count, PositiveInts, Rule, Switch, Target, check_init, integer_in, is_int, list_of
 
 
 # ----------------------------------------------------------------------------------------------------
 # Nonlinearities and their linearizations
-
-
-class Nonlinearity(nn.Module):
-    """A 1-Lipschitz elementwise nonlinearity that ``linearized`` can replace by its linearization."""
-
-    def __init__(self):
-        super().__init__()
-        self.linear = False  # set by `linearized`; a module flag, not configuration
-
-    def nonlinear(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def linearization(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linearization(x) if self.linear else self.nonlinear(x)
-
-
-class ReLU(Nonlinearity):
-    """max(x, 0); linearized as the identity (the paper's convention)."""
-
-    def nonlinear(self, x):
-        return F.relu(x)
-
-    def linearization(self, x):
-        return x
 
 
 class ScaledTanh(Nonlinearity):
@@ -254,24 +229,24 @@ class CNN4C3F(Classifier):
     """GloRo's 4C3F (Leino, Wang & Fredrikson, ICML 2021, arXiv 2102.08452), without BatchNorm, whose
     division by running statistics inflates Lipschitz bounds: for certification and certified training.
 
-    3x3 conv c1 -> 4x4 conv c1, stride 2 -> 3x3 conv c2 -> 4x4 conv c2, stride 2 (each + ReLU; 'same'
-    padding: 28 -> 14 -> 7) -> flatten -> [Linear(hidden) -> ReLU] x 2 -> Linear. Defaults c = (32, 64),
-    hidden 512.
+    3x3 conv c1 -> 4x4 conv c1, stride 2 -> 3x3 conv c2 -> 4x4 conv c2, stride 2 (each + activation;
+    'same' padding: 28 -> 14 -> 7) -> flatten -> [Linear(hidden) -> activation] x 2 -> Linear. Defaults
+    c = (32, 64), hidden 512, ReLU (GloRo's own MNIST recipe uses MinMax: model/activation=minmax).
     """
 
     def __init__(self, in_channels, num_classes, image_size, tanh: Switch = False, channels: TwoWidths = (32, 64),
-                 hidden: Count = 512):
+                 hidden: Count = 512, activation: Target = ReLU):  # conf/model/activation: a _partial_ node
         c1, c2 = channels
         layers, size, width = OrderedDict(), image_size, in_channels
         for i, (out, kernel_size, stride) in enumerate([(c1, 3, 1), (c1, 4, 2), (c2, 3, 1), (c2, 4, 2)]):
             padding = 1  # 'same' for 3x3 stride 1, and halves the size for 4x4 stride 2
             layers[f"conv{i}"] = ConvBN(width, out, kernel_size, stride, padding, batch_norm=False)
-            layers[f"act{i}"] = ReLU()
+            layers[f"act{i}"] = activation()
             size, width = _conv_out(size, kernel_size, stride, padding), out
         layers["flatten"] = nn.Flatten()
         width *= size * size
         for i in range(2):
-            layers[f"dense{i}"], layers[f"act_dense{i}"], width = nn.Linear(width, hidden), ReLU(), hidden
+            layers[f"dense{i}"], layers[f"act_dense{i}"], width = nn.Linear(width, hidden), activation(), hidden
         layers["classifier"] = nn.Linear(width, num_classes)
         super().__init__(layers, in_channels, num_classes, image_size, tanh)
 

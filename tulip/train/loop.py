@@ -226,6 +226,7 @@ def _train_epochs(run: Training, setup: StepSetup, folder: RunFolder, tracker: T
     for epoch in range(state.epoch + 1, cfg.epochs + 1):
         started = time.perf_counter()
         metrics = {metric_keys.EPOCH: epoch, metric_keys.LR: run.optimizer.param_groups[0]["lr"]}
+        run.loss_fn.start_epoch(epoch, cfg.epochs)
         metrics.update(train_one_epoch(setup.model, run.loss_fn, run.optimizer, run.data, cfg.batch_size,
                                        epoch, progress, setup.autocast, setup.memory_format))
         run.scheduler.step()

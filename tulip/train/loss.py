@@ -62,7 +62,8 @@ class Part:
     ``prepare(model)``, called once before training (raise ``ConfigError(switch, value, expected)``
     naming the switch for a model it cannot work with). A part that keeps
     state across steps returns it from ``state_dict()`` (tensors and plain data: it goes into the
-    checkpoint, so that a resumed run continues exactly) and takes it back in ``load_state_dict``.
+    checkpoint, so that a resumed run continues exactly) and takes it back in ``load_state_dict``; a part
+    whose strength follows a schedule sets it in ``start_epoch``, which depends on the epoch alone.
     """
     switch: str
 
@@ -76,6 +77,9 @@ class Part:
 
     def prepare(self, model: Model) -> None:
         pass
+
+    def start_epoch(self, epoch: int, epochs: int) -> None:
+        """Called before each epoch (1-based) of `epochs`: for a part whose strength follows a schedule."""
 
     def state_dict(self) -> dict:
         return {}
@@ -131,6 +135,10 @@ class TrainingLoss:
         for name, part in self.parts.items():
             if name in state:
                 part.load_state_dict(state[name])
+
+    def start_epoch(self, epoch: int, epochs: int) -> None:
+        for part in self.parts.values():
+            part.start_epoch(epoch, epochs)
 
     def __call__(self, model: Model, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
         x_train, x_adv = self.batch(model, x, y) if self.batch is not None else (x, None)
