@@ -18,7 +18,8 @@ from tulip.runs import metric_keys
 from tulip.runs.metric_keys import BEST_ATTACK, canonical, is_scalar_key, parse_robust_error
 from tulip.schema import (LARGEST, MAX_EPOCHS, MAX_ITERATIONS, MAX_SEED, MAX_THREADS, NONNEGATIVE, POSITIVE,
                           SMALLEST, ConfigError, Count, Epochs, Epsilons, Iterations, OptionalCount, Rule, Seed,
-                          Switch, Target, Targets, check_node, integer_in, is_int, is_number, one_of)
+                          Switch, Target, Targets, check_node, integer_in, is_int, is_number, list_of, number_in,
+                          one_of)
 
 __all__ = ["LARGEST", "SMALLEST", "POSITIVE", "NONNEGATIVE", "MAX_EPOCHS", "MAX_ITERATIONS", "MAX_SEED",
            "MAX_THREADS", "ConfigError", "is_int", "is_number", "validate", "validate_objectives",
@@ -35,7 +36,8 @@ PRECISIONS = ("fp32", "bf16")
 # test_batch_size, eval.* and attack.* only measure, wandb.* only shows; the device and the thread count
 # change rounding, not the math (a GPU job may go on on the CPU and back), and so do channels_last and
 # compile (memory layout, fused kernels). precision=bf16 changes what each step computes: training state.
-TRAINING_STATE = ("model", "dataset", "reg", "optim", "scheduler", "seed", "epochs", "batch_size", "precision")
+TRAINING_STATE = ("model", "dataset", "reg", "optim", "scheduler", "seed", "epochs", "batch_size", "precision",
+                  "select")
 
 
 @dataclass
@@ -52,6 +54,7 @@ class EvalKeys:
     bounds: Switch
     lower_bound: LowerBoundKeys
     nn: Switch
+    certify: Annotated[list, list_of(number_in(SMALLEST, LARGEST, ""), f"a list of L2 radii, each {POSITIVE}")]
 
 
 @dataclass
@@ -137,6 +140,15 @@ def validate(cfg: DictConfig) -> None:
     if cfg.attack.split == "val" and not _has_validation_split(cfg):
         raise ConfigError("attack.split", "val", "test when dataset.val_size=0 (there is no validation split)")
     validate_objectives(cfg)
+    validate_select(cfg)
+
+
+def validate_select(cfg: DictConfig) -> None:
+    """`select`: val/error_pct, or the per-epoch certified error at a radius of eval.certify."""
+    select, radii = cfg.select, [float(eps) for eps in cfg.eval.certify]
+    allowed = [metric_keys.error_key("val"), *(metric_keys.epoch_certified_error("val", eps) for eps in radii)]
+    if select not in allowed:
+        raise ConfigError("select", select, f"one of {allowed} (a certified error needs its radius in eval.certify)")
 
 
 def _has_validation_split(cfg: DictConfig) -> bool:

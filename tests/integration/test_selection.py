@@ -5,6 +5,7 @@ The same check for an Optuna study's proposals: tests/system/test_study.py."""
 import json
 import logging
 
+import pytest
 import torch
 
 from support import permuted_test_labels
@@ -76,3 +77,29 @@ def test_the_summary_keeps_the_chosen_epoch_and_the_lowest_test_error_apart(tmp_
                 metric_keys.robust_error("best", "l2", 1.0), metric_keys.certified_error(1.0)):
         low, high = (summary[k] for k in metric_keys.interval_keys(key))
         assert low <= summary[key] <= high and high - low > 0, key
+
+
+def test_a_certified_model_is_selected_on_its_validation_certified_error(tmp_path):
+    """select=val/cert_error_pct_l2@<eps>: every epoch measures the pairwise certified error on the
+    validation split, and best.pt is the epoch where it is lowest, which here is not the epoch of lowest
+    validation error (the radius warms up from 1 % over half of the epochs)."""
+    certified = "val/cert_error_pct_l2@0.3"
+    run(compose_config("epochs=4", "model=aol_4c3f", "model.channels=[8,8]", "model.hidden=32", "regularizer=margin",
+                       "reg.margin=0.5", "reg.radius_warmup.start=0.01", "reg.radius_warmup.until=0.5",
+                       "optim=adam", "optim.lr=0.01", "eval.certify=[0.3,1]", f"select={certified}"), tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    history = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all({certified, "val/cert_error_pct_l2@1"} <= set(row) for row in history)
+    figures = [row[certified] for row in history]
+    assert summary[metric_keys.BEST_EPOCH] == figures.index(min(figures)) + 1
+    assert all(row[certified] >= row[metric_keys.VAL_ERROR] for row in history)  # misclassified count
+    assert figures[-1] < figures[0]  # the margin loss certifies more as the radius grows
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["select=val/cert_error_pct_l2@0.3"], r"select='val/cert_error_pct_l2@0\.3' is invalid.*eval\.certify"),
+    (["select=test/error_pct"], r"select='test/error_pct' is invalid: expected one of \['val/error_pct'\]"),
+])
+def test_select_names_a_validation_figure_the_run_measures(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        run(compose_config(*overrides), tmp_path)

@@ -11,6 +11,9 @@ from omegaconf import OmegaConf
 from conftest import CONF_DIR as CONF, compose_with_hydra
 from support.jobs import SWEEPS
 
+# Certified training needs a certifiable network: sweeps/certified.yaml and gloro_mnist.yaml train it
+CERTIFIED_TRAINING = {"gloro", "gloro_trades", "margin"}
+
 
 def expand_sweep(name: str) -> tuple[OmegaConf, list[list[str]]]:
     """Compose sweeps/NAME.yaml with conf/ on the search path (what `run.py --config-dir sweeps
@@ -22,7 +25,7 @@ def expand_sweep(name: str) -> tuple[OmegaConf, list[list[str]]]:
     return cfg, BasicSweeper.split_arguments(parsed, max_batch_size=None)[0]
 
 
-@pytest.mark.parametrize("name", ["lagrange_grid", "regularizers", "paper_cifar10", "certified"])
+@pytest.mark.parametrize("name", ["lagrange_grid", "regularizers", "paper_cifar10", "certified", "gloro_mnist"])
 def test_every_job_of_every_sweep_file_composes(name):
     cfg, jobs = expand_sweep(name)
     assert cfg.hydra.mode.name == "MULTIRUN"
@@ -124,3 +127,18 @@ def test_certified_sweep_compares_gloro_with_the_others_on_one_certifiable_netwo
     assert swept == {"gloro", "none", "lip", "lip+J2", "pgd_l2", "trades"} and len(jobs) == 18
     assert list(cfg.attack.epsilons.l2) == [0.3, 1.0, 1.58]  # GloRo's MNIST radii
     assert cfg.attack.methods.apgd_ce_l2.n_iter == 100  # the standard ensemble
+
+
+def test_gloro_mnist_is_gloros_recipe_chosen_on_validation_and_judged_on_the_test_set():
+    cfg, jobs = expand_sweep("gloro_mnist")
+    assert len(jobs) == 6  # 2 radii x 3 seeds
+    for job in jobs:
+        run = compose_with_hydra(*job, config_dir=SWEEPS, config_name="gloro_mnist")
+        choices, radius = run.hydra.runtime.choices, run.reg.gloro
+        assert (choices["model"], choices["model/activation"], choices["regularizer"]) == ("cnn_4c3f", "minmax",
+                                                                                            "gloro_trades")
+        assert run.reg.gloro_trades == 1.5 and dict(run.reg.radius_warmup) == {"start": 0.01, "end": 1.1, "until": 0.5}
+        # best.pt on the validation certified error at the training radius; the test set once, all of it
+        assert run.select == f"val/cert_error_pct_l2@{radius:g}" and list(run.eval.certify) == [radius]
+        assert (run.attack.split, run.attack.n) == ("test", None)
+        assert {"apgd_ce_l2", "apgd_t_l2", "ddn"} == set(run.attack.methods) and radius in run.attack.epsilons.l2

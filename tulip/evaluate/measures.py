@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tulip.runs import metric_keys
-from tulip.nn.lipschitz import layer_norm_bound, layer_norm_estimate
+from tulip.evaluate.bounds import pair_lipschitz, pairwise_radii
+from tulip.nn.lipschitz import last_layer, layer_norm_bound, layer_norm_estimate
 from tulip.nn.models import Classifier, eval_mode, linearized
 from tulip.nn.perturbations import input_grad
 from tulip.stats import error_interval
@@ -71,6 +72,21 @@ def error_and_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_siz
             wrong += (logits.argmax(1) != yb).sum()
     return {metric_keys.error_key(split): 100.0 * wrong.item() / len(x),
             metric_keys.loss_key(split): loss_sum.item() / len(x)}
+
+
+@torch.no_grad()
+def certified_errors(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, radii,
+                     split: str = "val") -> dict[str, float]:
+    """% of (x, y) whose pairwise certificate (tulip.evaluate.bounds) is at most each L2 radius: misclassified
+    or not certified. One forward pass and the layers' bounds; the model must end in a linear layer."""
+    last = last_layer(model)
+    if last is None:
+        raise ValueError(f"eval.certify needs a model that ends in a linear layer; {type(model).__name__} does not")
+    with eval_mode(model):
+        logits = torch.cat([model(x[start:start + batch_size]) for start in range(0, len(x), batch_size)])
+    certified = pairwise_radii(logits, y, last.feature_bound, pair_lipschitz(last.weight, last.head_scale))
+    return {metric_keys.epoch_certified_error(split, eps): 100.0 * (certified <= eps).float().mean().item()
+            for eps in radii}
 
 
 @torch.no_grad()

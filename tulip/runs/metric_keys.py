@@ -176,6 +176,11 @@ def certified_error(eps: float) -> str:
     return f"{CERTIFIED_ERROR_STEM}@{eps_text(eps)}"
 
 
+def epoch_certified_error(split: str, eps: float) -> str:
+    """A split's certified error at L2 radius eps, per epoch (eval.certify): ``val/cert_error_pct_l2@<eps>``."""
+    return f"{split}/cert_error_pct_l2@{eps_text(eps)}"
+
+
 # The 95 % interval of an error rate over images (Wilson), next to the rate: ``ci95_low/<key>`` and
 # ``ci95_high/<key>``, in percent like the rate itself.
 INTERVAL_PREFIXES = ("ci95_low/", "ci95_high/")

@@ -48,7 +48,7 @@ def upgrade_targets(config):
 
 # Config keys added after runs had been saved without them (dotted) -> the value those runs trained with:
 # a run from before the validation split trained on the whole training set and selected on the test set.
-ADDED_KEYS = {"precision": "fp32", "dataset.val_size": 0, "dataset.split_seed": 0}
+ADDED_KEYS = {"precision": "fp32", "dataset.val_size": 0, "dataset.split_seed": 0, "select": "val/error_pct"}
 
 
 def with_added_keys(config: dict) -> dict:

@@ -8,7 +8,8 @@ measurements of tulip.evaluate.measures and the checkpoints. `_finish` puts the 
 the final evaluation it was handed (tulip.evaluate.final, built before training). summary.json is
 written, whatever happened.
 
-The best checkpoint is the epoch with the lowest validation error. The test set is measured every epoch
+The best checkpoint is the epoch with the lowest validation error (or the figure `select` names: a certified
+model's validation certified error at a radius of `eval.certify`). The test set is measured every epoch
 for the curves, and decides nothing: with `dataset.val_size=0` (no validation split) the choice falls
 back to the test set, as the original protocol did, and the run says so (a warning, `selection: test`).
 """
@@ -29,7 +30,7 @@ from tulip.runs import metric_keys
 from tulip.config import TRAINING_STATE, ConfigError, resolve_device
 from tulip.data import Data, check_batch_fits, class_balanced_subset, load_dataset
 from tulip.nn.lipschitz import layer_norm_bound
-from tulip.evaluate.measures import error_and_loss, error_intervals, measure
+from tulip.evaluate.measures import certified_errors, error_and_loss, error_intervals, measure
 from tulip.train.loss import TrainingLoss, build_loss
 from tulip.build import build_model
 from tulip.runs.folder import RunFolder, RunFolderError
@@ -221,7 +222,7 @@ def _train_epochs(run: Training, setup: StepSetup, folder: RunFolder, tracker: T
     cfg, state = run.cfg, run.state
     progress = sys.stderr.isatty()
     lipschitz_images = run.lipschitz_images
-    criterion = metric_keys.error_key(run.selection)
+    criterion = cfg.select if run.selection == "val" else metric_keys.error_key("test")
     val_x, val_y = run.data.split("val")
     for epoch in range(state.epoch + 1, cfg.epochs + 1):
         started = time.perf_counter()
@@ -239,6 +240,8 @@ def _train_epochs(run: Training, setup: StepSetup, folder: RunFolder, tracker: T
                                guaranteed_bound=False))
         if len(val_y):
             metrics.update(error_and_loss(run.model, val_x, val_y, cfg.test_batch_size, "val"))
+            if cfg.eval.certify:
+                metrics.update(certified_errors(run.model, val_x, val_y, cfg.test_batch_size, cfg.eval.certify))
         metrics[metric_keys.EPOCH_TIME] = time.perf_counter() - started
         state.epoch = epoch
         state.history.append(metrics)
