@@ -25,7 +25,8 @@ def expand_sweep(name: str) -> tuple[OmegaConf, list[list[str]]]:
     return cfg, BasicSweeper.split_arguments(parsed, max_batch_size=None)[0]
 
 
-@pytest.mark.parametrize("name", ["lagrange_grid", "regularizers", "paper_cifar10", "certified", "gloro_mnist"])
+@pytest.mark.parametrize("name", ["lagrange_grid", "regularizers", "paper_cifar10", "certified", "gloro_mnist",
+                                  "one_lipschitz"])
 def test_every_job_of_every_sweep_file_composes(name):
     cfg, jobs = expand_sweep(name)
     assert cfg.hydra.mode.name == "MULTIRUN"

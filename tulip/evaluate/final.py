@@ -38,7 +38,7 @@ from tulip.runs import metric_keys
 from tulip.config import AttackKeys, ConfigError, EvalKeys
 from tulip.data import Data
 from tulip.nn.lipschitz import last_layer, layer_norm_bound, layer_norm_estimate
-from tulip.runs.metric_keys import NORMS, parse_robust_error
+from tulip.runs.metric_keys import NORMS
 from tulip.nn.perturbations import frozen_eval
 from tulip.runs.folder import RunFolder
 from tulip.schema import check_node, source_key
@@ -286,8 +286,7 @@ class Evaluation:
                 started = time.perf_counter()
                 metrics.update(evaluate_neighbours(data, folder))
                 metrics[metric_keys.NN_TIME] = time.perf_counter() - started
-        rates = [key for key in metrics if key == metric_keys.ATTACKED_CLEAN_ERROR or parse_robust_error(key)]
-        metrics.update(error_intervals(metrics, n, rates))
+        metrics.update(error_intervals(metrics, n, [key for key in metrics if metric_keys.is_error_rate(key)]))
         if self.attacks or self.bounds:
             metrics[metric_keys.ATTACKED_SPLIT] = self.settings.split  # text: which images, not a number
         return metrics

@@ -16,14 +16,8 @@ import pandas as pd
 from tulip.runs import metric_keys
 from tulip.stats import seed_interval
 
-ERROR_MARK = "error_pct"
 INTERVAL_SUFFIXES = ("_ci_low", "_ci_high")
 INTERVAL_NOTE = "95 % interval: t over seeds, or Wilson over images for one seed"
-
-
-def is_error_key(key: str) -> bool:
-    """A metric that is an error rate in percent, which gets an interval (not the interval keys themselves)."""
-    return ERROR_MARK in key and metric_keys.interval_of(key) is None
 
 
 def table_keys(keys: list[str]) -> list[str]:
@@ -44,7 +38,7 @@ def configuration_intervals(finished: pd.DataFrame, present: pd.DataFrame, group
     `present` which of them the runs' summary.json had, `groups` each run's configuration (0 to
     `configurations` − 1). NaN where there is no interval."""
     columns = {}
-    for metric in filter(is_error_key, metrics):
+    for metric in filter(metric_keys.is_error_rate, metrics):
         bounds = np.full((2, configurations), math.nan)
         wilson = [key for key in metric_keys.interval_keys(metric) if key in finished.columns]
         for config, has in present[metric].groupby(groups):

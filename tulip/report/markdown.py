@@ -9,7 +9,7 @@ import pandas as pd
 
 from tulip.runs import metric_keys
 from tulip.runs.status import Status
-from tulip.report.intervals import INTERVAL_NOTE, fmt_interval, is_error_key, row_interval
+from tulip.report.intervals import INTERVAL_NOTE, fmt_interval, row_interval
 from tulip.report.runs import Run
 from tulip.report.tables import SEED, fmt, fmt_stats, is_configuration_key, stats, status_text
 
@@ -97,6 +97,6 @@ def problem_detail(run: Run) -> str:
 def metric_cell(row: dict, metric: str, seeds: int) -> str:
     """A metric's cell: an error rate with its 95 % interval, anything else as mean ± std."""
     mean, std, count = stats(row, metric)
-    if is_error_key(metric):
+    if metric_keys.is_error_rate(metric):
         return fmt_interval(mean, *row_interval(row, metric), count, seeds)
     return fmt_stats(mean, std, count, seeds)

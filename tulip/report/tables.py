@@ -18,7 +18,7 @@ import pandas as pd
 
 from tulip.runs import metric_keys
 from tulip.runs.status import READ_STATUSES, Status
-from tulip.report.intervals import configuration_intervals, interval_columns, is_error_key, table_keys
+from tulip.report.intervals import configuration_intervals, interval_columns, table_keys
 from tulip.report.runs import Run, normalise
 
 # Keys that never define a configuration: the seed is aggregated over, wandb.* only names the log,
@@ -319,7 +319,7 @@ def write_csv(path: Path, table: pd.DataFrame, keys: list[str], metrics: list[st
     header = keys + ["seeds"] + statuses + ["status"]
     for metric in metrics:
         partial = ((table[f"{metric}_n"] != 0) & (table[f"{metric}_n"] != table["seeds"])).any()
-        intervals = list(interval_columns(metric)) if is_error_key(metric) else []
+        intervals = list(interval_columns(metric)) if metric_keys.is_error_rate(metric) else []
         header += [metric, f"{metric}_std"] + intervals + ([f"{metric}_n"] if partial else [])
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)

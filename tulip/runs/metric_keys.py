@@ -199,6 +199,13 @@ def interval_of(key: str) -> tuple[str, str] | None:
     return None
 
 
+def is_error_rate(key: str) -> bool:
+    """A rate of misclassified (or uncertified, or attacked) images in percent, which gets a 95 % interval:
+    every ``*error_pct*`` key (``val/error_pct``, ``attack/<name>/error_pct_l2@1``, ``cert/error_pct_l2@0.3``,
+    ``best/test_error_pct``), not the interval keys themselves."""
+    return "error_pct" in key and interval_of(key) is None
+
+
 def neighbours(norm: str, stat: str) -> str:
     return f"nn/{norm}_{stat}"
 

@@ -289,8 +289,9 @@ def _finish(run: Training, folder: RunFolder, tracker: Tracker, evaluate: FinalE
     final.update(evaluate(run.model, run.data, folder, tracker))
     final.update(_selected_epoch(run))
     for split in ("val", "test"):
-        keys = [key for key in final if key.startswith(f"{split}/") or key == f"best/{split}_error_pct"]
-        final.update(error_intervals(final, len(run.data.split(split)[1]), [k for k in keys if "error_pct" in k]))
+        rates = [key for key in final if metric_keys.is_error_rate(key)
+                 and (key.startswith(f"{split}/") or key == f"best/{split}_error_pct")]
+        final.update(error_intervals(final, len(run.data.split(split)[1]), rates))
     summary.update(final)
     summary.update({STATUS: Status.FINISHED, "epoch": run.state.epoch, metric_keys.SELECTION: run.selection})
     return final
