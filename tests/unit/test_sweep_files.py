@@ -142,4 +142,4 @@ def test_gloro_mnist_is_gloros_recipe_chosen_on_validation_and_judged_on_the_tes
         # best.pt on the validation certified error at the training radius; the test set once, all of it
         assert run.select == f"val/cert_error_pct_l2@{radius:g}" and list(run.eval.certify) == [radius]
         assert (run.attack.split, run.attack.n) == ("test", None)
-        assert {"apgd_ce_l2", "apgd_t_l2", "ddn"} == set(run.attack.methods) and radius in run.attack.epsilons.l2
+        assert set(run.attack.methods) == {"ddn"} and radius in run.attack.epsilons.l2

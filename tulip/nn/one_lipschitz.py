@@ -11,13 +11,13 @@ satisfies T ⪰ A Aᵀ (Gershgorin's theorem applied to Q⁻¹(T − A Aᵀ)Q, Q
 For a convolution A with kernel w (out, in, k, k), A Aᵀ is again a convolution, whose kernel is the
 autocorrelation of w over its input channels and taps, (out, out, 2k−1, 2k−1) (``gram_kernel``). A
 stride-1 convolution on a finite image with zero padding is a restriction of the circular one, whose
-Gram matrix has exactly those entries, so the same T works for it.
+Gram matrix has those entries (or sums of them, on grids smaller than the kernel's), so the same T works.
 
-Each layer's bound (its rule for tulip.nn.lipschitz, at the end of its section) is the smaller of two
+Each layer's bound (the rules for tulip.nn.lipschitz after the layers) is the smaller of two
 bounds by theorem, computed in float64: the Gram-iteration bound every layer gets, and the (weighted)
 Gershgorin bound ‖A‖₂² ≤ max_i Σ_j |(A Aᵀ)_ij| q_j / q_i, which is what the construction makes 1. Gram
 iteration alone would not show it: on a map whose singular values are all 1 (an orthogonal one, as the
-layers start) it exceeds the norm by up to rank^(1/2^(t+1)), 0.7 % for a 3x3 conv of 64 channels.
+layers start) it exceeds the norm by up to rank^(1/2^(t+1)): 0.7 % for a 3x3 conv from 32 to 64 channels.
 
 Shapes: conv layers take and return (B, C, H, W) (stride 1, 'same' padding, odd kernels); dense layers
 (B, d).
@@ -184,7 +184,6 @@ class SLLLinear(OneLipschitz):
     def forward(self, x):
         z = self.activation(F.linear(x, self.weight, self.bias)) * (2.0 / self.inner_scale_of(self.weight))[None, :]
         return x - F.linear(z, self.weight.t())
-
 
 
 # --- their bounds ----------------------------------------------------------------------------------

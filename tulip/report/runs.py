@@ -129,7 +129,10 @@ def read_run(path: Path) -> Run:
     config = upgrade_targets(read_yaml(path / ".hydra" / "config.yaml") or {})
     overrides = parse_overrides(read_overrides(path, summary))
     status = UNREADABLE if problem else str(summary.get(STATUS, "unknown"))
-    return Run(path, overrides, choices, config, status, summary, folder.read_metrics(), problem)
+    epochs = folder.read_metrics()
+    if epochs and metric_keys.EPOCHS_TIME not in summary:  # a run from before the key: the same sum
+        summary = {**summary, metric_keys.EPOCHS_TIME: metric_keys.epochs_time(epochs)}
+    return Run(path, overrides, choices, config, status, summary, epochs, problem)
 
 
 @dataclass

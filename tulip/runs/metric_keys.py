@@ -73,6 +73,7 @@ EPOCH_TIME = "time/epoch_s"
 SETUP_TIME = "time/setup_s"  # data, model, training loss, optimizer: after the imports, before W&B
 WANDB_INIT_TIME = "time/wandb_init_s"
 TRAIN_TIME = "time/train_s"  # the epochs of this attempt, their per-epoch measurements and checkpoints
+EPOCHS_TIME = "time/epochs_s"  # every epoch's time/epoch_s summed, over all attempts: a resumed run's whole cost
 FINAL_MEASURE_TIME = "time/final_measure_s"  # the summary's whole-test-set figures, guaranteed bound included
 ATTACK_TIME = "time/attacks_s"  # the final evaluation's parts (a re-evaluation replaces those it redoes)
 BOUNDS_TIME = "time/bounds_s"  # the lower bounds and the certificate
@@ -199,6 +200,12 @@ def interval_of(key: str) -> tuple[str, str] | None:
     return None
 
 
+def epochs_time(history: list[dict]) -> float:
+    """EPOCHS_TIME of a run's metrics.jsonl rows: seconds of training, per-epoch measurements and
+    checkpoints over every epoch, all attempts included (time/train_s counts the last attempt's)."""
+    return sum(row.get(EPOCH_TIME, 0.0) for row in history)
+
+
 def is_error_rate(key: str) -> bool:
     """A rate of misclassified (or uncertified, or attacked) images in percent, which gets a 95 % interval:
     every ``*error_pct*`` key (``val/error_pct``, ``attack/<name>/error_pct_l2@1``, ``cert/error_pct_l2@0.3``,
@@ -303,7 +310,7 @@ FIXED_KEYS = frozenset((
     TRAIN_LOSS, TRAIN_ERROR, TEST_ERROR, TEST_LOSS, VAL_ERROR, VAL_LOSS,
     LOSS_GRAD_MAX, LOSS_GRAD_MEAN, JACOBIAN_2INF,
     PRODUCT_2INF, PRODUCT_SPECTRAL, LAYER_NORM_PRODUCT, LAYER_NORM_ESTIMATE, TANH_SCALE,
-    EPOCH_TIME, SETUP_TIME, TRAIN_TIME, FINAL_MEASURE_TIME, ATTACK_TIME, BOUNDS_TIME, NN_TIME,
+    EPOCH_TIME, EPOCHS_TIME, SETUP_TIME, TRAIN_TIME, FINAL_MEASURE_TIME, ATTACK_TIME, BOUNDS_TIME, NN_TIME,
     BEST_TEST_ERROR, BEST_VAL_ERROR, BEST_EPOCH, LOWEST_TEST_ERROR,
     ATTACKED_IMAGES, ATTACKED_CLEAN_ERROR,
     BOUNDS_GRAD_NORM_MAX, BOUNDS_FIRST_ORDER_MEDIAN, BOUNDS_SECOND_ORDER_MEDIAN, BOUNDS_HESSIAN_NORM_MAX,

@@ -276,6 +276,7 @@ def _finish(run: Training, folder: RunFolder, tracker: Tracker, evaluate: FinalE
     """After the last epoch: the summary's figures on the whole test set, then the final evaluation of
     the best checkpoint. Returns the final metrics; `summary` gets them, their timings and `finished`."""
     summary[metric_keys.TRAIN_TIME] = (final_start := time.time()) - summary["time/first_step"]
+    summary[metric_keys.EPOCHS_TIME] = metric_keys.epochs_time(run.state.history)
     # The summary's figures: all of them on the whole test set, the guaranteed bound included. With
     # eval.n covering the test set the last epoch measured everything else already.
     final = dict(run.state.history[-1])
