@@ -65,7 +65,9 @@ def documented_keys() -> set[str]:
         # yaml comments name keys without backticks
         found |= {key for line in text.splitlines() if "#" in line
                   for key in re.findall(rf"\b((?:{families})/[\w<>@.*{{}},/]+)", line.split("#", 1)[1])}
-    return found
+    # config groups such as `model/activation` (model/activation=minmax) are no metric keys
+    groups = {path.relative_to(ROOT / "conf").as_posix() for path in (ROOT / "conf").rglob("*") if path.is_dir()}
+    return {key for key in found if key.split("=")[0] not in groups}
 
 
 def as_pattern(documented: str) -> re.Pattern:

@@ -47,12 +47,21 @@ def upgrade_targets(config):
 
 
 # Config keys added after runs had been saved without them (dotted) -> the value those runs trained with:
-# a run from before the validation split trained on the whole training set and selected on the test set.
-ADDED_KEYS = {"precision": "fp32", "dataset.val_size": 0, "dataset.split_seed": 0, "select": "val/error_pct"}
+# a run from before the validation split trained on the whole training set and selected on the test set;
+# one from before GloRo's TRADES-style loss, the radius warm-up and the margin loss trained without them.
+_NO_WARMUP = {"radius_start": 1.0, "radius_end": 1.0, "radius_until": 0.0}
+ADDED_KEYS = {"precision": "fp32", "dataset.val_size": 0, "dataset.split_seed": 0, "select": "val/error_pct",
+              "reg.gloro_trades": 0.0, "reg.margin": 0.0, "reg.radius_warmup": {"start": 1.0, "end": 1.0, "until": 0.0},
+              "reg.penalties.gloro.trades": 0.0, **{f"reg.penalties.gloro.{k}": v for k, v in _NO_WARMUP.items()},
+              "reg.penalties.margin": {"_target_": "tulip.train.margin.MarginPenalty", "eps": 0.0, **_NO_WARMUP}}
+# Keys added to some model options only: filled in where the saved model is that option.
+ADDED_MODEL_KEYS = {"tulip.nn.models.CNN4C3F": {"activation": {"_target_": "tulip.nn.nonlinearities.ReLU",
+                                                               "_partial_": True}}}
 
 
 def with_added_keys(config: dict) -> dict:
-    """A copy of a saved config with every key of ADDED_KEYS it lacks, at the value it trained with."""
+    """A copy of a saved config with every key of ADDED_KEYS (and ADDED_MODEL_KEYS) it lacks, at the value
+    it trained with."""
     config = dict(config)
     for dotted, value in ADDED_KEYS.items():
         *parents, last = dotted.split(".")
@@ -63,6 +72,9 @@ def with_added_keys(config: dict) -> dict:
             node[parent] = node = dict(node[parent])
         else:
             node.setdefault(last, value)
+    model = config.get("model")
+    if isinstance(model, dict) and model.get("_target_") in ADDED_MODEL_KEYS:
+        config["model"] = {**ADDED_MODEL_KEYS[model["_target_"]], **model}
     return config
 
 
