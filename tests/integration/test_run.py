@@ -170,6 +170,21 @@ def test_gloro_power_iteration_vectors_resume_exactly(tmp_path, monkeypatch):
     assert strip(resumed) == strip(whole) and resumed["train/penalty_gloro"] > 0
 
 
+@pytest.mark.slow
+def test_a_warming_radius_and_a_certified_selection_resume_exactly(tmp_path, monkeypatch):
+    """GloRo's recipe (TRADES-style loss, radius from 1 % over half of 4 epochs) on MinMax 4C3F, best.pt on
+    the validation certified error: killed in epoch 2 and resumed, it ends as the uninterrupted run."""
+    overrides = ["model=cnn_4c3f", *SHRINK["cnn_4c3f"], "model/activation=minmax", "regularizer=gloro_trades",
+                 "optim=adam", "epochs=4", "eval.certify=[0.3]", "select=val/cert_error_pct_l2@0.3"]
+    whole = run(compose_config(*overrides), tmp_path / "whole")
+    run_interrupted_in_second_epoch(compose_config(*overrides), tmp_path / "split", monkeypatch)
+    resumed = run(compose_config(*overrides), tmp_path / "split")
+    strip = lambda metrics: {k: v for k, v in metrics.items() if not k.startswith(("time/", "attack/"))}
+    assert strip(resumed) == strip(whole) and resumed["train/penalty_gloro"] > 0
+    rows = RunFolder(tmp_path / "whole").read_metrics()
+    assert resumed[metric_keys.BEST_EPOCH] == 1 + min(range(4), key=lambda i: rows[i]["val/cert_error_pct_l2@0.3"])
+
+
 def test_per_epoch_figures_on_a_subset_every_k_epochs_and_the_summary_on_the_whole_set(tmp_path):
     """eval.every=2, eval.n=50 over 3 epochs: test error every epoch, Lipschitz figures in epochs 2 and 3
     (the last) from 50 images; the summary's figures are a full measurement of the last model."""
