@@ -25,7 +25,6 @@ from contextlib import contextmanager
 from typing import Annotated, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tulip.nn.nonlinearities import Nonlinearity, ReLU
