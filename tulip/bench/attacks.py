@@ -23,7 +23,8 @@ from hydra import compose, initialize_config_dir
 from tulip.evaluate import attacks
 from tulip.config_files import config_dir
 from tulip.data import mnist5k
-from tulip.evaluate.final import build_evaluation, error_curve
+from tulip.evaluate.bounds import error_curve
+from tulip.evaluate.final import build_evaluation
 from tulip.runs.metric_keys import NORMS
 from tulip.nn.models import CNNSmall
 

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from tulip.nn.lipschitz import LastLayer
 from tulip.nn.nonlinearities import MinMax, ReLU
 from tulip.nn.perturbations import l2_direction
 
@@ -160,6 +161,16 @@ def pairwise_radii(logits: torch.Tensor, y: torch.Tensor, feature_lipschitz: flo
     radii = torch.where(gaps > 0, gaps / (feature_lipschitz * pairs.to(logits)[y]), 0.0)
     radii = radii.scatter(1, y[:, None], torch.inf)  # j = y is no competitor
     return radii.amin(dim=1).float()
+
+
+def last_layer_radii(last: LastLayer, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``pairwise_radii`` of a model split by tulip.nn.lipschitz.last_layer: (n, C) logits, (n,) labels -> (n,)."""
+    return pairwise_radii(logits, y, last.feature_bound, pair_lipschitz(last.weight, last.head_scale))
+
+
+def error_curve(radii: torch.Tensor, epsilons: list[float]) -> list[list[float]]:
+    """Rows [eps, % of images with radius ≤ eps] of a robust- or certified-error curve."""
+    return [[eps, 100.0 * (radii <= eps).double().mean().item()] for eps in epsilons]
 
 
 def tightness(attack_l2: torch.Tensor, certified: torch.Tensor, correct: torch.Tensor) -> float:

@@ -31,7 +31,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from tulip.evaluate import bounds, neighbours
-from tulip.evaluate.bounds import LowerBoundSearch
+from tulip.evaluate.bounds import LowerBoundSearch, error_curve
 from tulip.evaluate.measures import error_intervals
 
 from tulip.runs import metric_keys
@@ -108,11 +108,6 @@ def distance_metrics(name: str, distances: dict[str, torch.Tensor],
         for eps in epsilons[norm]:
             metrics[metric_keys.robust_error(name, norm, eps)] = 100.0 * (d <= eps).double().mean().item()
     return metrics
-
-
-def error_curve(radii: torch.Tensor, epsilons: list[float]) -> list[list[float]]:
-    """Rows [eps, % of images with radius ≤ eps] of a robust- or certified-error curve."""
-    return [[eps, 100.0 * (radii <= eps).double().mean().item()] for eps in epsilons]
 
 
 def _log_curve(tracker: TableLogger | None, key: str, norm: str, rows: list[list[float]]) -> None:
@@ -211,8 +206,7 @@ def _certificate(model, input_shape, logits: torch.Tensor, y: torch.Tensor,
     if last is None:
         log.info("certificate: the model does not end in a linear layer: global form m/(√2·K)")
         return global_radii, {metric_keys.CERT_PAIRWISE: 0.0}
-    pairs = bounds.pair_lipschitz(last.weight, last.head_scale).cpu()
-    radii = bounds.pairwise_radii(logits, y.cpu(), last.feature_bound, pairs)
+    radii = bounds.last_layer_radii(last, logits, y.cpu())
     return radii, {metric_keys.CERT_PAIRWISE: 1.0, metric_keys.CERT_FEATURE_LIPSCHITZ_UPPER: last.feature_bound}
 
 

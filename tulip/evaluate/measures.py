@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tulip.runs import metric_keys
-from tulip.evaluate.bounds import pair_lipschitz, pairwise_radii
+from tulip.evaluate.bounds import error_curve, last_layer_radii
 from tulip.nn.lipschitz import last_layer, layer_norm_bound, layer_norm_estimate
 from tulip.nn.models import Classifier, eval_mode, linearized
 from tulip.nn.perturbations import input_grad
@@ -84,9 +84,8 @@ def certified_errors(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_s
         raise ValueError(f"eval.certify needs a model that ends in a linear layer; {type(model).__name__} does not")
     with eval_mode(model):
         logits = torch.cat([model(x[start:start + batch_size]) for start in range(0, len(x), batch_size)])
-    certified = pairwise_radii(logits, y, last.feature_bound, pair_lipschitz(last.weight, last.head_scale))
-    return {metric_keys.epoch_certified_error(split, eps): 100.0 * (certified <= eps).float().mean().item()
-            for eps in radii}
+    curve = error_curve(last_layer_radii(last, logits, y), radii)
+    return {metric_keys.epoch_certified_error(split, eps): error for eps, error in curve}
 
 
 @torch.no_grad()
