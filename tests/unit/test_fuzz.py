@@ -203,7 +203,8 @@ KEYS = {
     **{key: int_key(key, 1, MAX_ITERATIONS) for key in ("reg.pgd.steps", "reg.trades.steps")},
     "reg.lip_norm": choice_key("reg.lip_norm", NORMS, any_case=True),
     "reg.fd_norm": choice_key("reg.fd_norm", NORMS, any_case=True),
-    "reg.pgd.norm": choice_key("reg.pgd.norm", [2, math.inf, 2.0, "inf", "linf", ".inf"], any_case=True),
+    **{key: choice_key(key, [2, math.inf, 2.0, "inf", "linf", ".inf"], any_case=True)
+       for key in ("reg.pgd.norm", "reg.trades.norm")},
     "reg.fd_order": choice_key("reg.fd_order", [1, 2, 1.0, 2.0]),
     "reg.pgd.random_start": choice_key("reg.pgd.random_start", [True, False]),
     "attack.n": int_key("attack.n", 1, nullable=True),

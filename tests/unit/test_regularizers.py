@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from conftest import CONF_DIR, compose_config as compose_run_config
 from tulip.schema import ConfigError
 from tulip.train.loss import build_loss
-from tulip.nn.perturbations import frozen_eval, l2_direction, loss_input_grad, pgd_linf
+from tulip.nn.perturbations import frozen_eval, l2_direction, loss_input_grad, pgd_l2, pgd_linf
 from tulip.train import regularizers
 
 OPTIONS = sorted(p.stem for p in (CONF_DIR / "regularizer").glob("*.yaml") if not p.stem.startswith("_"))
@@ -255,6 +255,23 @@ def test_trades_matches_the_reference_training_step():
     for mine, theirs in zip(grads, torch.autograd.grad(loss, list(reference.parameters()))):
         torch.testing.assert_close(mine, theirs)
     assert robust > 0
+
+
+def test_trades_l2_adversary_is_l2_pgd_on_the_kl_divergence():
+    """reg.trades.norm=2: x′ is L2 PGD on KL(f(x) ‖ f(x′)) from x + 0.001·N(0, 1), inside the L2 ball of ε."""
+    torch.manual_seed(0)
+    model, (x, y) = small_cnn().double().train(), mnist_batch()
+    x = x.double()
+    torch.manual_seed(1)
+    x_clean, x_adv = loss_fn(trades=dict(beta=1.0, eps=1.5, steps=4, step_size=0.5, norm=2)).batch(model, x, y)
+    torch.manual_seed(1)
+    with frozen_eval(model):
+        p_clean = F.softmax(model(x), 1)
+        expected = pgd_l2(lambda z: F.kl_div(F.log_softmax(model(z), 1), p_clean, reduction="none").sum(1), x,
+                          eps=1.5, steps=4, step_size=0.5, start=x + 0.001 * torch.randn_like(x))
+    assert x_clean is x
+    torch.testing.assert_close(x_adv, expected)
+    assert norms(x_adv - x, 2).max() <= 1.5 + 1e-9 and (x_adv - x).abs().max() > 0.031  # beyond L∞'s default
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ def expand_sweep(name: str) -> tuple[OmegaConf, list[list[str]]]:
 
 
 @pytest.mark.parametrize("name", ["lagrange_grid", "regularizers", "paper_cifar10", "certified", "gloro_mnist",
-                                  "one_lipschitz"])
+                                  "one_lipschitz", "certified_compare"])
 def test_every_job_of_every_sweep_file_composes(name):
     cfg, jobs = expand_sweep(name)
     assert cfg.hydra.mode.name == "MULTIRUN"
@@ -143,3 +143,18 @@ def test_gloro_mnist_is_gloros_recipe_chosen_on_validation_and_judged_on_the_tes
         assert run.select == f"val/cert_error_pct_l2@{radius:g}" and list(run.eval.certify) == [radius]
         assert (run.attack.split, run.attack.n) == ("test", None)
         assert set(run.attack.methods) == {"ddn"} and radius in run.attack.epsilons.l2
+
+
+@pytest.mark.parametrize("radius", [0.3, 1.58])
+def test_certified_compare_trains_the_others_under_gloros_recipe(radius):
+    """PGD-L2 and TRADES-L2 at the training radius, on the recipe's network, optimizer and batch."""
+    recipe = compose_with_hydra(f"reg.gloro={radius}", config_dir=SWEEPS, config_name="gloro_mnist")
+    for method in (["regularizer=pgd_l2", f"reg.pgd.eps={radius}"],
+                   ["regularizer=trades", "reg.trades.norm=2", f"reg.trades.eps={radius}"]):
+        run = compose_with_hydra(*method, config_dir=SWEEPS, config_name="certified_compare")
+        for key in ("model", "optim", "scheduler._target_", "dataset", "batch_size", "attack.split", "attack.n",
+                    "attack.epsilons"):
+            assert OmegaConf.select(run, key) == OmegaConf.select(recipe, key), key
+        batch = run.reg.batches.pgd if "pgd_l2" in method[0] else run.reg.batches.trades
+        assert (batch.eps, batch.norm) == (radius, 2)
+        assert run.select == "val/error_pct" and radius in run.eval.certify  # they certify too, best.pt on clean

@@ -8,6 +8,7 @@ Rather than keep alias modules at the old paths, configs are rewritten once, whe
 (`RunFolder.load_checkpoint`, the report's reader), so that a resumed run compares equal to today's
 config and nothing but this table remembers the old layout.
 """
+import math
 
 # old module -> the module that holds its classes and functions now
 MOVED_MODULES = {
@@ -48,10 +49,12 @@ def upgrade_targets(config):
 
 # Config keys added after runs had been saved without them (dotted) -> the value those runs trained with:
 # a run from before the validation split trained on the whole training set and selected on the test set;
-# one from before GloRo's TRADES-style loss, the radius warm-up and the margin loss trained without them.
+# one from before GloRo's TRADES-style loss, the radius warm-up and the margin loss trained without them,
+# one from before TRADES' norm with TRADES' L∞ adversary.
 _NO_WARMUP = {"radius_start": 1.0, "radius_end": 1.0, "radius_until": 0.0}
 ADDED_KEYS = {"precision": "fp32", "dataset.val_size": 0, "dataset.split_seed": 0, "select": "val/error_pct",
               "reg.gloro_trades": 0.0, "reg.margin": 0.0, "reg.radius_warmup": {"start": 1.0, "end": 1.0, "until": 0.0},
+              "reg.trades.norm": math.inf, "reg.batches.trades.norm": math.inf,
               "reg.penalties.gloro.trades": 0.0, **{f"reg.penalties.gloro.{k}": v for k, v in _NO_WARMUP.items()},
               "reg.penalties.margin": {"_target_": "tulip.train.margin.MarginPenalty", "eps": 0.0, **_NO_WARMUP}}
 # Keys added to some model options only: filled in where the saved model is that option.

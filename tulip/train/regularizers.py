@@ -76,14 +76,16 @@ class PGDBatch(BatchChoice):
 
 
 class TradesBatch(BatchChoice):
-    """The clean batch, and beside it TRADES' x′: L∞ PGD on KL(f(x) ‖ f(x′)) started at x + 0.001·N(0, 1)
-    (clamped to [0, 1]; TRADES clamps only after the loop). On when beta > 0 (TradesPenalty's β)."""
+    """The clean batch, and beside it TRADES' x′: L∞ (or L2) PGD on KL(f(x) ‖ f(x′)) started at
+    x + 0.001·N(0, 1) (clamped to [0, 1]; TRADES clamps only after the loop). On when beta > 0
+    (TradesPenalty's β). Defaults: TRADES' CIFAR-10 L∞ settings, 10 steps of 0.007 in the ball of 0.031."""
     switch = "beta"
 
     def __init__(self, beta: NonNegative = 0.0, eps: NonNegative = 0.031, steps: Iterations = 10,
-                 step_size: Positive = 0.007):
+                 step_size: Positive = 0.007, norm: Annotated[float | str, norm_order(2.0, math.inf)] = math.inf):
         self.beta = float(beta)
-        self.attack = functools.partial(pgd_linf, eps=float(eps), steps=steps, step_size=float(step_size))
+        attack = pgd_linf if as_norm_order(norm) == math.inf else pgd_l2
+        self.attack = functools.partial(attack, eps=float(eps), steps=steps, step_size=float(step_size))
 
     def __call__(self, model: Model, x: torch.Tensor, y: torch.Tensor):
         with frozen_eval(model):
