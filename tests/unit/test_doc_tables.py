@@ -192,6 +192,18 @@ def test_one_row_per_csv_row_with_formats_and_joined_cells(runs_csv):
         ["`b`", "0", "10.0 / 2.0", "–"], ["`b`", "1", "– / 1.5", "–"], ["`c`", "0", "7.2 / 1234.5", "z\\|w"]]
 
 
+def test_a_set_column_names_the_keys_whose_value_is_set(tmp_path):
+    """Each method's own strength among keys that are 0 or empty for the others."""
+    path = tmp_path / "report.csv"
+    pd.DataFrame({"method": ["pgd", "lip", "none", "pgd"], "reg.pgd.eps": [0.30, 0, 0, 1.58],
+                  "reg.lip": [0, 0.1, "", 0]}).to_csv(path, index=False)
+    column = Column.parse("reg.pgd.eps,reg.lip:set=strength")
+    assert [row[1] for row in rows_of(make_table(path, [Column.parse("method"), column]))[2:]] == [
+        "`reg.pgd.eps=0.3`", "`reg.lip=0.1`", "–", "`reg.pgd.eps=1.58`"]
+    by_method = rows_of(make_table(path, [Column.parse("method"), column], by=["method"]))
+    assert by_method[2] == ["pgd", "`reg.pgd.eps=0.3` `reg.pgd.eps=1.58`"]
+
+
 def test_by_gives_the_mean_and_std_over_each_groups_rows(runs_csv):
     table = make_table(runs_csv, [Column.parse("method"), Column.parse("seed:list=seeds"), Column.parse("error"),
                                   Column.parse("radius")], by=["method"], order=["c", "b"])

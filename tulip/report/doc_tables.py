@@ -36,7 +36,7 @@ COMMENT_END = "-->"
 MISSING = "–"  # a cell whose run did not record the figure
 SPREADS = ("std", "ci", "none")
 DEFAULT_FORMAT = ".3g"
-TEXT_FORMATS = ("code", "list")
+TEXT_FORMATS = ("code", "list", "set")
 
 
 class TableError(ValueError):
@@ -122,6 +122,12 @@ def text_cell(value, form: str) -> str:
     return f"`{text}`" if form == "code" else text
 
 
+def set_cell(key: str, value) -> str:
+    """A `set` column's part: `key=value` in backticks where the value is set (not empty, not 0), else ''."""
+    text = str(value).strip()
+    return "" if not text or as_number(text) == 0 else f"`{key}={text}`"
+
+
 def numbers_of(cells: pd.Series) -> pd.Series:
     return pd.Series([as_number(cell) if str(cell).strip() else math.nan for cell in cells], dtype=float)
 
@@ -171,12 +177,14 @@ def make_table(path: Path, columns: list[Column], by=(), where=(), order=(), spr
     lines = ["| " + " | ".join(escape(column.header) for column in columns) + " |",
              "|" + "|".join("---" if text else "---:" for text in textual) + "|"]
     for _, cells in rows:
-        lines.append("| " + " | ".join(escape(joined([cells[key] for key in column.keys])) for column in columns)
-                     + " |")
+        lines.append("| " + " | ".join(escape(joined([cells[key] for key in column.keys], column.format))
+                                       for column in columns) + " |")
     return "\n".join(lines) + "\n"
 
 
-def joined(parts: list[str]) -> str:
+def joined(parts: list[str], form: str = DEFAULT_FORMAT) -> str:
+    if form == "set":  # only the keys that are set, e.g. the one strength of each method
+        return " ".join(part for part in parts if part) or MISSING
     return MISSING if all(part == MISSING for part in parts) else " / ".join(parts)
 
 
@@ -192,6 +200,9 @@ def plain_rows(frame: pd.DataFrame, columns: list[Column], spread: str) -> list[
         for column in columns:
             for key in column.keys:
                 value = as_number(record[key])
+                if column.format == "set":
+                    cells[key] = set_cell(key, record[key])
+                    continue
                 if column.format in TEXT_FORMATS or value is None:
                     cells[key] = text_cell(record[key], column.format)
                     continue
@@ -212,6 +223,9 @@ def aggregated_rows(frame: pd.DataFrame, by: list[str], columns: list[Column]) -
         cells = {}
         for column in columns:
             for key in column.keys:
+                if column.format == "set":
+                    cells[key] = " ".join(dict.fromkeys(filter(None, (set_cell(key, c) for c in members[key]))))
+                    continue
                 if key in by or column.format in TEXT_FORMATS or not is_numeric(members[key]):
                     cells[key] = ", ".join(dict.fromkeys(text_cell(cell, column.format) for cell in members[key]))
                     continue
@@ -242,8 +256,10 @@ def add_table_arguments(parser: argparse.ArgumentParser):
                              "--format. `python -m tulip.report.doc_tables` rewrites the docs' tables")
     parser.add_argument("--column", action="append", default=[], metavar="KEYS[:FORMAT][=HEADER]",
                         help="with --markdown, a column: a CSV key, or keys joined by commas shown as "
-                             "'a / b'; FORMAT a Python format spec (.1f), code (in backticks) or list (with "
-                             "--by: the distinct values); HEADER its title; repeatable, in table order")
+                             "'a / b'; FORMAT a Python format spec (.1f), code (in backticks), list (with "
+                             "--by: the distinct values) or set (`key=value` of the keys whose value is "
+                             "not 0 or empty, e.g. each method's strength); HEADER its title; repeatable, "
+                             "in table order")
     parser.add_argument("--where", action="append", default=[], metavar="KEY=V1,V2",
                         help="with --markdown, keep the rows whose KEY is one of the values; repeatable")
     parser.add_argument("--spread", choices=SPREADS, default="std",
