@@ -122,10 +122,18 @@ def text_cell(value, form: str) -> str:
     return f"`{text}`" if form == "code" else text
 
 
-def set_cell(key: str, value) -> str:
-    """A `set` column's part: `key=value` in backticks where the value is set (not empty, not 0), else ''."""
+def is_set(value) -> bool:
     text = str(value).strip()
-    return "" if not text or as_number(text) == 0 else f"`{key}={text}`"
+    return bool(text) and as_number(text) != 0
+
+
+def set_cell(key: str, record: dict) -> str:
+    """A `set` column's part: `key=value` in backticks where the value is set (not empty, not 0), else ''.
+    `KEY?SWITCH` shows KEY only where SWITCH is set too (TRADES' radius only where its β is on)."""
+    name, _, switch = key.partition("?")
+    if not is_set(record[name]) or (switch and not is_set(record[switch])):
+        return ""
+    return f"`{name}={str(record[name]).strip()}`"
 
 
 def numbers_of(cells: pd.Series) -> pd.Series:
@@ -159,7 +167,8 @@ def make_table(path: Path, columns: list[Column], by=(), where=(), order=(), spr
         filters.append((key.strip(), values.split(",")))
     frame = read_table(path)
     order_key = by[0] if by else columns[0].keys[0]
-    wanted = {key for column in columns for key in column.keys} | set(by) | {key for key, _ in filters}
+    wanted = {part for column in columns for key in column.keys for part in key.split("?")}
+    wanted |= set(by) | {key for key, _ in filters}
     missing = sorted(wanted - set(frame.columns))
     if missing:
         raise TableError(f"{path}: no column {', '.join(missing)} (it has: {', '.join(frame.columns)})")
@@ -172,7 +181,7 @@ def make_table(path: Path, columns: list[Column], by=(), where=(), order=(), spr
     # the values --order lists first, in its order; the others after them, in the order they came
     rows.sort(key=lambda row: next((i for i, value in enumerate(order) if same_value(row[0][order_key], value)),
                                    len(order)))
-    textual = [column.format == "code" or not all(is_numeric(frame[key]) for key in column.keys)
+    textual = [column.format in ("code", "set") or not all(is_numeric(frame[key]) for key in column.keys)
                for column in columns]
     lines = ["| " + " | ".join(escape(column.header) for column in columns) + " |",
              "|" + "|".join("---" if text else "---:" for text in textual) + "|"]
@@ -199,10 +208,10 @@ def plain_rows(frame: pd.DataFrame, columns: list[Column], spread: str) -> list[
         cells = {}
         for column in columns:
             for key in column.keys:
-                value = as_number(record[key])
                 if column.format == "set":
-                    cells[key] = set_cell(key, record[key])
+                    cells[key] = set_cell(key, record)
                     continue
+                value = as_number(record[key])
                 if column.format in TEXT_FORMATS or value is None:
                     cells[key] = text_cell(record[key], column.format)
                     continue
@@ -224,7 +233,8 @@ def aggregated_rows(frame: pd.DataFrame, by: list[str], columns: list[Column]) -
         for column in columns:
             for key in column.keys:
                 if column.format == "set":
-                    cells[key] = " ".join(dict.fromkeys(filter(None, (set_cell(key, c) for c in members[key]))))
+                    parts = (set_cell(key, record) for record in members.to_dict("records"))
+                    cells[key] = " ".join(dict.fromkeys(filter(None, parts)))
                     continue
                 if key in by or column.format in TEXT_FORMATS or not is_numeric(members[key]):
                     cells[key] = ", ".join(dict.fromkeys(text_cell(cell, column.format) for cell in members[key]))
@@ -258,8 +268,8 @@ def add_table_arguments(parser: argparse.ArgumentParser):
                         help="with --markdown, a column: a CSV key, or keys joined by commas shown as "
                              "'a / b'; FORMAT a Python format spec (.1f), code (in backticks), list (with "
                              "--by: the distinct values) or set (`key=value` of the keys whose value is "
-                             "not 0 or empty, e.g. each method's strength); HEADER its title; repeatable, "
-                             "in table order")
+                             "not 0 or empty, e.g. each method's strength; KEY?SWITCH: KEY only where "
+                             "SWITCH is set too); HEADER its title; repeatable, in table order")
     parser.add_argument("--where", action="append", default=[], metavar="KEY=V1,V2",
                         help="with --markdown, keep the rows whose KEY is one of the values; repeatable")
     parser.add_argument("--spread", choices=SPREADS, default="std",
