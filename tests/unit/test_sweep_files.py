@@ -9,6 +9,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from conftest import CONF_DIR as CONF, compose_with_hydra
+from tulip.config import validate
 from support.jobs import SWEEPS
 
 # Certified training needs a certifiable network: sweeps/certified.yaml and gloro_mnist.yaml train it
@@ -158,3 +159,16 @@ def test_certified_compare_trains_the_others_under_gloros_recipe(radius):
         batch = run.reg.batches.pgd if "pgd_l2" in method[0] else run.reg.batches.trades
         assert (batch.eps, batch.norm) == (radius, 2)
         assert run.select == "val/error_pct" and radius in run.eval.certify  # they certify too, best.pt on clean
+
+
+def test_gloro_mnist_trains_its_0_3_model_at_1_5x_and_chooses_it_at_0_3():
+    """The header's command: a multirun of seeds at reg.gloro=0.45, best.pt on the certified error at 0.3."""
+    overrides = ["reg.gloro=0.45", "eval.certify=[0.3,0.45]", "select=val/cert_error_pct_l2@0.3"]
+    cfg, _ = expand_sweep("gloro_mnist")
+    params = [f"{key}={value}" for key, value in cfg.hydra.sweeper.params.items()] + overrides
+    jobs = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(params), max_batch_size=None)[0]
+    assert len(jobs) == 3  # the command line's reg.gloro replaces the file's two radii: seeds 0, 1, 2
+    for job in jobs:
+        run = compose_with_hydra(*job, config_dir=SWEEPS, config_name="gloro_mnist")
+        validate(run)
+        assert run.reg.penalties.gloro.eps == 0.45 and run.select == "val/cert_error_pct_l2@0.3"
