@@ -128,12 +128,8 @@ def is_set(value) -> bool:
 
 
 def set_cell(key: str, record: dict) -> str:
-    """A `set` column's part: `key=value` in backticks where the value is set (not empty, not 0), else ''.
-    `KEY?SWITCH` shows KEY only where SWITCH is set too (TRADES' radius only where its β is on)."""
-    name, _, switch = key.partition("?")
-    if not is_set(record[name]) or (switch and not is_set(record[switch])):
-        return ""
-    return f"`{name}={str(record[name]).strip()}`"
+    """A `set` column's part: `key=value` in backticks where the value is set (not empty, not 0), else ''."""
+    return f"`{key}={str(record[key]).strip()}`" if is_set(record[key]) else ""
 
 
 def numbers_of(cells: pd.Series) -> pd.Series:
@@ -167,8 +163,7 @@ def make_table(path: Path, columns: list[Column], by=(), where=(), order=(), spr
         filters.append((key.strip(), values.split(",")))
     frame = read_table(path)
     order_key = by[0] if by else columns[0].keys[0]
-    wanted = {part for column in columns for key in column.keys for part in key.split("?")}
-    wanted |= set(by) | {key for key, _ in filters}
+    wanted = {key for column in columns for key in column.keys} | set(by) | {key for key, _ in filters}
     missing = sorted(wanted - set(frame.columns))
     if missing:
         raise TableError(f"{path}: no column {', '.join(missing)} (it has: {', '.join(frame.columns)})")
@@ -268,8 +263,8 @@ def add_table_arguments(parser: argparse.ArgumentParser):
                         help="with --markdown, a column: a CSV key, or keys joined by commas shown as "
                              "'a / b'; FORMAT a Python format spec (.1f), code (in backticks), list (with "
                              "--by: the distinct values) or set (`key=value` of the keys whose value is "
-                             "not 0 or empty, e.g. each method's strength; KEY?SWITCH: KEY only where "
-                             "SWITCH is set too); HEADER its title; repeatable, in table order")
+                             "not 0 or empty, e.g. each method's strength); HEADER its title; repeatable, "
+                             "in table order")
     parser.add_argument("--where", action="append", default=[], metavar="KEY=V1,V2",
                         help="with --markdown, keep the rows whose KEY is one of the values; repeatable")
     parser.add_argument("--spread", choices=SPREADS, default="std",
