@@ -201,7 +201,7 @@ def test_a_set_column_names_the_keys_whose_value_is_set(tmp_path):
     assert [row[1] for row in rows_of(make_table(path, [Column.parse("method"), column]))[2:]] == [
         "`reg.pgd.eps=0.3`", "`reg.lip=0.1`", "–", "`reg.pgd.eps=1.58`"]
     by_method = rows_of(make_table(path, [Column.parse("method"), column], by=["method"]))
-    assert by_method[2] == ["pgd", "`reg.pgd.eps=0.3` `reg.pgd.eps=1.58`"]
+    assert by_method[2] == ["pgd", "`reg.pgd.eps=0.3`, `reg.pgd.eps=1.58`"]
 
 
 def test_by_gives_the_mean_and_std_over_each_groups_rows(runs_csv):

@@ -111,25 +111,18 @@ def cell_text(value: float, spec: str, spread=None, interval=None, count=None, r
     return text
 
 
-def text_cell(value, form: str) -> str:
-    """A value shown as the CSV writes it (a `list` column's seeds, a strength), in backticks for `code`."""
+def text_cell(value, form: str, key: str = "") -> str:
+    """A value shown as the CSV writes it (a `list` column's seeds, a strength), in backticks for `code`;
+    for `set`, `key=value` in backticks where the value is set (not empty, not 0), else ''."""
     text = str(value).strip()
+    if form == "set":
+        return f"`{key}={text}`" if text and as_number(text) != 0 else ""
     if not text:
         return MISSING
     number = as_number(text)
     if number is not None and math.isinf(number):
         text = number_text(number, DEFAULT_FORMAT)
     return f"`{text}`" if form == "code" else text
-
-
-def is_set(value) -> bool:
-    text = str(value).strip()
-    return bool(text) and as_number(text) != 0
-
-
-def set_cell(key: str, record: dict) -> str:
-    """A `set` column's part: `key=value` in backticks where the value is set (not empty, not 0), else ''."""
-    return f"`{key}={str(record[key]).strip()}`" if is_set(record[key]) else ""
 
 
 def numbers_of(cells: pd.Series) -> pd.Series:
@@ -203,12 +196,9 @@ def plain_rows(frame: pd.DataFrame, columns: list[Column], spread: str) -> list[
         cells = {}
         for column in columns:
             for key in column.keys:
-                if column.format == "set":
-                    cells[key] = set_cell(key, record)
-                    continue
                 value = as_number(record[key])
                 if column.format in TEXT_FORMATS or value is None:
-                    cells[key] = text_cell(record[key], column.format)
+                    cells[key] = text_cell(record[key], column.format, key)
                     continue
                 std = as_number(record.get(f"{key}_std")) if spread == "std" else None
                 low, high = (as_number(record.get(f"{key}_ci_{end}")) for end in ("low", "high"))
@@ -227,12 +217,9 @@ def aggregated_rows(frame: pd.DataFrame, by: list[str], columns: list[Column]) -
         cells = {}
         for column in columns:
             for key in column.keys:
-                if column.format == "set":
-                    parts = (set_cell(key, record) for record in members.to_dict("records"))
-                    cells[key] = " ".join(dict.fromkeys(filter(None, parts)))
-                    continue
                 if key in by or column.format in TEXT_FORMATS or not is_numeric(members[key]):
-                    cells[key] = ", ".join(dict.fromkeys(text_cell(cell, column.format) for cell in members[key]))
+                    cells[key] = ", ".join(dict.fromkeys(filter(None, (text_cell(c, column.format, key)
+                                                                      for c in members[key]))))
                     continue
                 numbers = numbers_of(members[key])
                 with np.errstate(invalid="ignore"):  # inf - inf in the std of infinite values: NaN is right
